@@ -25,6 +25,7 @@ from model import UserError, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-4  # as LoRA's
+CUDA_GRAPH = False  # the trained rank (a slice size) changes every step, so train.py runs it without a CUDA graph
 
 
 @dataclass

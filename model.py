@@ -221,41 +221,54 @@ class KVCache:
         return self.k[layer, :, :, :self.len + T], self.v[layer, :, :, :self.len + T]
 
 
+def ce_chunk(logits, t, keep):
+    """One chunk of the loss, in fp32: the kept rows' summed cross-entropy and dCE/dlogits = softmax - onehot
+    (zero on ignored rows) in the logits' dtype. Eager, it is six passes over a (c, V) tensor; Llama.compile
+    fuses it into one kernel, which matters: with a 128k vocabulary these passes cost more than the matmuls."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (c, V)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (c, 1)
+    loss = ((lse - z.gather(1, t[:, None])) * keep).sum()
+    g = z.sub_(lse).exp_()  # softmax, in place of the fp32 logits
+    g.scatter_add_(1, t[:, None], -torch.ones_like(lse))  # minus the one-hot
+    return loss, g.mul_(keep).to(logits.dtype)  # ignored rows get no gradient
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """mean_i CE(h_i W^T, t_i), computed `chunk` rows at a time. The gradients are formed during the forward,
-    so no (N, vocab) logits tensor outlives its chunk: with a large vocabulary the full fp32 logits would
-    otherwise be the memory peak of a training step."""
+    """Mean cross-entropy of h W^T against t over the rows where t != -100, computed `chunk` rows at a time.
+    The gradients are formed during the forward, so no (N, vocab) logits tensor outlives its chunk: with a
+    large vocabulary the full fp32 logits would otherwise be the memory peak of a training step. Ignored rows
+    are masked, not removed, so shapes never depend on the data: no host sync, and a step can be captured
+    as a CUDA graph."""
 
     @staticmethod
-    def forward(ctx, h, W, t, chunk):
-        n = h.shape[0]
+    def forward(ctx, h, W, t, chunk, chunk_fn=ce_chunk):
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh = torch.empty_like(h) if need_h else None
-        acc = torch.promote_types(W.dtype, torch.float32)  # softmax and sums in fp32 at least
+        acc = torch.promote_types(W.dtype, torch.float32)  # sums in fp32 at least
         gW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
+        keep = t != -100  # (N,)
+        n = keep.sum().clamp(min=1).to(acc)  # a device scalar: no sync
+        t = t.clamp(min=0)
         loss = torch.zeros((), dtype=acc, device=h.device)
-        for i in range(0, n, chunk):
-            hc, tc = h[i:i + chunk], t[i:i + chunk]
-            logits = F.linear(hc, W).to(acc)  # (c, V): bf16 matmul under autocast, fp32 softmax
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if need_h or need_W:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(len(tc), device=g.device), tc] -= 1  # dCE/dlogits = softmax - onehot
-                if need_h:
-                    gh[i:i + chunk] = g.to(W.dtype) @ W  # (c, C)
-                if need_W:
-                    gW += g.t().to(hc.dtype) @ hc  # (V, C)
-        ctx.save_for_backward(gh, gW)
-        ctx.n, ctx.W_dtype = n, W.dtype
+        for i in range(0, h.shape[0], chunk):
+            hc = h[i:i + chunk]
+            logits = F.linear(hc, W)  # (c, V): bf16 under autocast
+            part, g = chunk_fn(logits, t[i:i + chunk], keep[i:i + chunk, None].to(acc))
+            loss += part
+            if need_h:
+                gh[i:i + chunk] = g @ W.to(g.dtype)  # (c, C)
+            if need_W:
+                gW += g.t() @ hc.to(g.dtype)  # (V, C)
+        ctx.save_for_backward(gh, gW, n)
+        ctx.W_dtype = W.dtype
         return loss / n
 
     @staticmethod
     def backward(ctx, grad):
-        gh, gW = ctx.saved_tensors
-        s = grad / ctx.n
+        gh, gW, n = ctx.saved_tensors
+        s = grad / n
         return (gh * s.to(gh.dtype) if gh is not None else None,
-                (gW * s).to(ctx.W_dtype) if gW is not None else None, None, None)
+                (gW * s).to(ctx.W_dtype) if gW is not None else None, None, None, None)
 
 
 # -----------------------------------------------------------------------------
@@ -275,7 +288,15 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.loss_chunk = 4096  # rows of logits per chunk of the loss
+        self.ce_chunk = ce_chunk  # the loss's softmax epilogue (compiled by Llama.compile)
         self.grad_checkpoint = False  # recompute each block in backward instead of storing its activations
+
+    def compile(self, **kwargs):
+        """torch.compile each block (they share one compiled graph) and the loss's softmax epilogue."""
+        for block in self.model.layers:
+            block.compile(**kwargs)
+        self.ce_chunk = torch.compile(ce_chunk, **kwargs)
+        return self
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # .to(), .float(), .cuda(), ... then put back exact fp32 RoPE frequencies
@@ -333,12 +354,8 @@ class Llama(nn.Module):
             return self.lm_head(x[:, -1]).float()  # (B, V)
         if targets is None:
             return self.lm_head(x)
-        # loss only where there is a target: prompt tokens never reach the vocabulary projection
-        keep = targets != -100
-        h, t = x[keep], targets[keep]  # (N, C), (N,)
-        if t.numel() == 0:
-            return x.sum() * 0.0
-        return ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, self.loss_chunk)
+        return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk,
+                                         self.ce_chunk)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16):

@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available
     dtype: str = "bfloat16"  # of the frozen base on CUDA (CPU always runs fp32)
     compile: bool = False  # torch.compile each transformer block
+    cuda_graph: bool = True  # on CUDA: capture each training step as one CUDA graph (fixed-shape batches)
     grad_checkpoint: bool = False  # recompute activations in backward (less memory, ~30% slower)
     log_every: int = 10
     eval_every: int = 100
@@ -213,9 +214,11 @@ def tokenize(examples, tok, template, max_len):
     return out, cut
 
 
-def pack(seqs, max_len, pad_id):
+def pack(seqs, max_len, pad_id, static=False):
     """First-fit-decreasing packing of examples into rows of at most max_len tokens. Returns x, y, pos (R, T):
-    y is -100 on prompt and padding; pos restarts at 0 for each example (the model masks attention by it)."""
+    y is -100 on prompt and padding; pos restarts at 0 for each example (the model masks attention by it).
+    static: T = max_len and R rounded up to a multiple of 4, so a CUDA graph captured for one shape serves
+    (nearly) every step."""
     rows = []  # [used, [example indices]]
     for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
         n = len(seqs[i][0]) - 1  # inputs are ids[:-1]
@@ -225,10 +228,10 @@ def pack(seqs, max_len, pad_id):
             rows.append(row)
         row[0] += n
         row[1].append(i)
-    T = max(r[0] for r in rows)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    R, T = (-(-len(rows) // 4) * 4, max_len) if static else (len(rows), max(r[0] for r in rows))
+    x = torch.full((R, T), pad_id, dtype=torch.long)
+    y = torch.full((R, T), -100, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)  # padding: every slot its own one-token example
     for r, (_, items) in enumerate(rows):
         t = 0
         for i in items:
@@ -249,9 +252,9 @@ def example_order(n, seed, start, count):
     return [perms[k // n][k % n] for k in range(start, start + count)]
 
 
-def micro_batches(data, idxs, micro, max_len, pad_id):
+def micro_batches(data, idxs, micro, max_len, pad_id, static=False):
     """Pack each group of `micro` examples: [(x, y, pos)], the step's target tokens and real (non-pad) tokens."""
-    batches = [pack([data[i] for i in idxs[j:j + micro]], max_len, pad_id) for j in range(0, len(idxs), micro)]
+    batches = [pack([data[i] for i in idxs[j:j + micro]], max_len, pad_id, static) for j in range(0, len(idxs), micro)]
     return batches, sum(int((y != -100).sum()) for _, y, _ in batches), sum(len(data[i][0]) - 1 for i in idxs)
 
 
@@ -286,6 +289,98 @@ def evaluate(model, batches):
         count += n
     model.train(was_training)
     return total.item() / max(1, count)
+
+
+def make_step(model, opt, params, grad_clip, cuda_graph=False):
+    """step(batches, n_tgt) -> (loss, grad_norm) as device tensors: forward and backward over the micro-batches
+    [(x, y, pos)] (each one's mean loss weighted by its share of the step's n_tgt target tokens), clip, AdamW.
+    Nothing in it waits for the GPU; the caller reads the tensors only when it logs.
+    cuda_graph: the whole step (every micro-batch, clipping, the optimizer) is captured once per batch shape
+    as a CUDA graph and then replayed, so the CPU launches one graph per step instead of thousands of kernels:
+    small models are otherwise bound by launch overhead, not by the GPU. It needs fixed shapes
+    (micro_batches(static=True)), a capturable AdamW with a tensor lr (set_lr), and a method whose forward
+    keeps no per-step Python state (a method file says CUDA_GRAPH = False otherwise)."""
+    dev = params[0].device
+
+    def run(batches, weights):
+        total = torch.zeros((), device=dev)
+        for (x, y, pos), w in zip(batches, weights):
+            with autocast(dev):
+                loss = model(x, y, pos) * w  # the step's loss is the mean over all its target tokens
+            loss.backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=dev.type == "cuda")
+        opt.step()
+        return total, norm
+
+    def to_dev(t):
+        return None if t is None else t.to(dev, non_blocking=True)  # pos None: plain causal rows
+
+    def weights(batches, n_tgt):
+        return [float((y != -100).sum()) / n_tgt for _, y, _ in batches]  # y is still on the CPU: no sync
+
+    if not cuda_graph:
+        def step(batches, n_tgt):
+            out = run([[to_dev(t) for t in b] for b in batches], weights(batches, n_tgt))
+            opt.zero_grad(set_to_none=True)
+            return out
+        return step
+
+    graphs, pool = {}, []
+
+    def capture(batches):
+        static = [[to_dev(t) for t in b] for b in batches]
+        w = [torch.zeros((), device=dev) for _ in batches]
+        # warm up on a side stream (cuBLAS workspaces, torch.compile), then undo the warm-up's updates in place
+        saved = [p.detach().clone() for p in params]
+        state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state.get(p, {}).items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                opt.zero_grad(set_to_none=False)
+                run(static, w)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(saved[i])
+                for k, v in opt.state[p].items():
+                    v.copy_(state[i, k]) if (i, k) in state else v.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool[0] if pool else None):
+            opt.zero_grad(set_to_none=False)  # the gradients live outside the graph; it zeroes them first
+            out = run(static, w)
+        pool[:] = [graph.pool()]  # every shape's graph shares one memory pool: they never run at once
+        return graph, static, w, out
+
+    def step(batches, n_tgt):
+        key = tuple(tuple(x.shape) for x, _, _ in batches)
+        if key not in graphs:
+            graphs[key] = capture(batches)
+        graph, static, w, out = graphs[key]
+        for b, sb, sw, wi in zip(batches, static, w, weights(batches, n_tgt)):
+            for t, st in zip(b, sb):
+                if t is not None:
+                    st.copy_(t, non_blocking=True)
+            sw.fill_(wi)
+        graph.replay()
+        return out  # overwritten by the next replay: read (or add up) before the next step
+    return step
+
+
+def make_optimizer(params, tcfg, device, cuda_graph=False):
+    """AdamW (fused on CUDA). For a CUDA graph it must be capturable and take its lr as a device tensor."""
+    lr = torch.tensor(tcfg.lr, device=device) if cuda_graph else tcfg.lr
+    return torch.optim.AdamW(params, lr=lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay,
+                             fused=device.type == "cuda", capturable=cuda_graph)
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(lr)  # in place: a captured graph reads this very tensor
+        else:
+            g["lr"] = lr
 
 
 def init_grads(model, batches, targets, offload=False):
@@ -464,12 +559,16 @@ def main(argv=None):
     save_json(config, os.path.join(run_dir, "config.json"))
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay,
-                            fused=device.type == "cuda")
+    graphed = tcfg.cuda_graph and device.type == "cuda" and getattr(method, "CUDA_GRAPH", True)
+    if tcfg.cuda_graph and device.type == "cuda" and not graphed:
+        print(f"{tcfg.method}: no CUDA graph (its layers change shape from step to step)")
+    opt = make_optimizer(params, tcfg, device, graphed)
     start = 0
     if ckpt is not None:  # resume: adapter, optimizer, RNG, step; the data order is a function of the step
         method.load_adapter_state_dict(model, ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
+        for g in opt.param_groups:  # the lr's type (float or device tensor) is this run's, not the saved one's
+            g["lr"] = torch.tensor(float(g["lr"]), device=device) if graphed else float(g["lr"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in ckpt:
             torch.cuda.set_rng_state(ckpt["rng_cuda"])
@@ -498,31 +597,24 @@ def main(argv=None):
     if tcfg.grad_checkpoint:
         model.grad_checkpoint = True
     if tcfg.compile:
-        for block in model.model.layers:
-            block.compile()
+        model.compile()
     model.train()
+    train_step = make_step(model, opt, params, tcfg.grad_clip, graphed)
     bar = tqdm(range(start, total), initial=start, total=total, desc=tcfg.method, dynamic_ncols=True)
     t_log, real_tok, slots, last_log, last_saved = time.time(), 0, 0, start, start
+    t_train, t_eval, all_tok, vl = time.time(), 0.0, 0, float("nan")  # the loop's time (evaluations excluded)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync until a log step
     for step in bar:
         lr = get_lr(step, tcfg, total)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         method.on_step(model, step)
         idxs = example_order(len(train), tcfg.seed, step * tcfg.batch_size, tcfg.batch_size)
-        batches, n_tgt, n_real = micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id)
-        for x, y, pos in batches:
-            n = int((y != -100).sum())
-            x, y, pos = x.to(device, non_blocking=True), y.to(device, non_blocking=True), pos.to(device)
-            with autocast(device):
-                loss = model(x, y, pos) * (n / n_tgt)  # the step's loss is the mean over all its target tokens
-            loss.backward()
-            loss_sum += loss.detach()
-            slots += x.numel()
+        batches, n_tgt, n_real = micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id, graphed)
+        loss, grad_norm = train_step(batches, n_tgt)
+        loss_sum += loss
         real_tok += n_real
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        all_tok += n_real
+        slots += sum(x.numel() for x, _, _ in batches)
         done = step + 1
         if done % tcfg.log_every == 0 or done == total:
             loss_val = loss_sum.item() / (done - last_log)
@@ -540,11 +632,13 @@ def main(argv=None):
             loss_sum.zero_()
             t_log, real_tok, slots, last_log = time.time(), 0, 0, done
         if done % tcfg.eval_every == 0 or done == total:
+            t = time.time()
             vl = evaluate(model, val_batches)
+            t_eval += time.time() - t
             log_line(dict(step=done, val_loss=round(vl, 5)))
             bar.write(f"step {done}: held-out loss {vl:.4f}")
         if done % tcfg.save_every == 0 or done == total:
-            loss_val = loss.item()
+            loss_val = loss_sum.item() if done % tcfg.log_every else loss_val
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # never save a broken state
                 raise UserError(f"loss is {loss_val} at step {done}: training stopped; " + (
                     f"the last good checkpoint (step {last_saved}) is in {run_dir}" if last_saved else
@@ -552,6 +646,9 @@ def main(argv=None):
             checkpoint(done)
             last_saved = done
     bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.time() - t_train - t_eval
     if start >= total and ckpt is not None:
         print(f"{run_dir} had already finished ({total} steps)")
     if tcfg.export == "peft":
@@ -570,7 +667,9 @@ def main(argv=None):
         ev.save_results(records, dict(summary, data=test_path, method=tcfg.method), os.path.join(run_dir, "gsm8k.jsonl"))
         print(f"GSM8K accuracy {summary['accuracy']:.4f} on {summary['n']} problems of {test_path} "
               f"(invalid {summary['invalid_rate']:.4f}); details in {run_dir}/gsm8k.jsonl")
-    return dict(run_dir=run_dir, steps=total, trainable_params=n_train, init_s=init_s, gsm8k=summary)
+    return dict(run_dir=run_dir, steps=total - start, trainable_params=n_train, init_s=init_s, train_s=train_s,
+                tok_s=all_tok / max(train_s, 1e-9), val_loss=vl, gsm8k=summary,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""
+The README's results: every method fine-tuned the same way, scored the same way, as one table and one figure.
+
+    python results.py --model PATH --data train.jsonl --test_data test.jsonl [--methods full,lora,...]
+
+Each run is `python train.py --method M` at the method's defaults (one epoch of GSM8K train minus 256 held-out
+examples, batch 16, seed 0, max_len 512, cosine schedule, 3% warm-up), evaluated every 50 steps on the held-out
+examples and at the end on GSM8K test with eval.py's protocol (all problems on CUDA). DyLoRA is scored at ranks
+1, 2, 4, 8, 16 from its one run. Runs already finished in --out_dir are read, not redone, so the command can be
+split across sessions and re-run to finish. Writes <out_dir>/results.md (the table), results.json and
+<out_dir>/loss.png (held-out loss against step; needs matplotlib).
+"""
+import json
+import os
+import sys
+
+import eval as ev
+import train
+from model import UserError
+
+RUNS = {  # name: train.py flags beyond the shared ones (each method's own defaults otherwise)
+    "full": ["--method", "full"],
+    "lora": ["--method", "lora"],
+    "xs": ["--method", "xs"],
+    "sb": ["--method", "sb"],
+    "ga": ["--method", "ga"],
+    "bone": ["--method", "bone"],
+    "bone-shared": ["--method", "bone", "--bone_variant", "shared"],
+    "dylora": ["--method", "dylora"],
+}
+DYLORA_RANKS = "1,2,4,8,16"
+
+
+def run(name, args):
+    out = os.path.join(args["out_dir"], name)
+    done = os.path.join(out, "result.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
+    argv = RUNS[name] + ["--model", args["model"], "--data", args["data"], "--test_data", args["test_data"],
+                         "--out_dir", args["out_dir"], "--run_name", name, "--eval_every", "50", "--log_every", "10",
+                         "--save_every", "100000"] + args["extra"]
+    r = train.main(argv)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    res = dict(name=name, lr=cfg["train"]["lr"], rank=cfg["method_config"].get("rank"), steps=r["steps"],
+               trainable=r["trainable_params"], init_s=r["init_s"], train_s=r["train_s"], tok_s=r["tok_s"],
+               peak_gib=r["peak_gib"], val_loss=r["val_loss"], acc=r["gsm8k"]["accuracy"],
+               invalid=r["gsm8k"]["invalid_rate"], n=r["gsm8k"]["n"])
+    if name == "dylora":
+        res["by_rank"] = {s["rank"]: (s["accuracy"], s["invalid_rate"]) for s in ev.main(
+            ["--model", args["model"], "--adapter", out, "--data", args["test_data"], "--ranks", DYLORA_RANKS])}
+    json.dump(res, open(done, "w"))
+    return res
+
+
+def table(rows):
+    lines = ["| run | lr | rank | trainable | init s | train s | tok/s | peak GiB | held-out loss | GSM8K | invalid |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        init = f"{r['init_s']:.1f}" if r["name"] in ("sb", "ga", "xs") else "-"
+        lines.append(f"| {r['name']} | {r['lr']:g} | {r['rank'] or '-'} | {r['trainable']:,} | {init} | "
+                     f"{r['train_s']:.1f} | {r['tok_s']:,.0f} | {r['peak_gib'] or float('nan'):.2f} | "
+                     f"{r['val_loss']:.4f} | {100 * r['acc']:.2f}% | {100 * r['invalid']:.1f}% |")
+        for rank, (acc, inv) in sorted((r.get("by_rank") or {}).items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| dylora @ rank {rank} | | {rank} | | | | | | | {100 * acc:.2f}% | {100 * inv:.1f}% |")
+    return "\n".join(lines)
+
+
+def plot(rows, out_dir, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        log = [json.loads(l) for l in open(os.path.join(out_dir, r["name"], "log.jsonl"))]
+        pts = [(l["step"], l["val_loss"]) for l in log if "val_loss" in l and not l.get("base_model")]
+        ax.plot(*zip(*pts), marker=".", label=r["name"])
+    base = [l["val_loss"] for l in log if l.get("base_model")]
+    if base:
+        ax.axhline(base[0], color="gray", ls=":", label="base model")
+    ax.set(xlabel="optimizer step (batch 16)", ylabel="held-out loss (256 GSM8K train examples)", ylim=(0.8, 1.6),
+           title="SmolLM2-135M-Instruct on GSM8K, one epoch")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main(argv=None):
+    args = dict(model="", data="", test_data="", out_dir="out/results", methods=",".join(RUNS), figure="")
+    argv, extra = list(sys.argv[1:] if argv is None else argv), []
+    while argv:
+        a = argv.pop(0)
+        k = a[2:].partition("=")[0]
+        if k in args:
+            args[k] = a.partition("=")[2] if "=" in a else argv.pop(0)
+        else:
+            extra.append(a)  # passed on to every train.py run
+    args["extra"] = extra
+    for k in ("model", "data", "test_data"):
+        if not args[k]:
+            raise UserError(f"--{k} is required (results.py --model PATH --data train.jsonl --test_data test.jsonl)")
+    names = args["methods"].split(",")
+    for n in names:
+        if n not in RUNS:
+            raise UserError(f"unknown run {n!r}: choose from {', '.join(RUNS)}")
+    rows = [run(n, args) for n in names]
+    text = table(rows)
+    print(text)
+    with open(os.path.join(args["out_dir"], "results.md"), "w") as f:
+        f.write(text + "\n")
+    json.dump(rows, open(os.path.join(args["out_dir"], "results.json"), "w"), indent=1)
+    try:
+        plot(rows, args["out_dir"], args["figure"] or os.path.join(args["out_dir"], "loss.png"))
+    except ImportError:
+        print("matplotlib is not installed: no figure (pip install matplotlib)")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

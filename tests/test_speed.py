@@ -1,0 +1,80 @@
+"""The fast path: fixed-shape packing, the shared step function, bench.py's CPU smoke path, results.py."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import lora
+import train
+from conftest import ROOT
+from model import Llama, ModelConfig
+
+
+def test_static_pack_keeps_examples_and_fixes_the_shape():
+    seqs = [([1] + [5 + i] * (3 + i) + [2], 2) for i in range(7)]  # (ids, n_prompt)
+    x, y, pos = train.pack(seqs, 16, 0)
+    xs, ys, ps = train.pack(seqs, 16, 0, static=True)
+    assert xs.shape == (-(-x.shape[0] // 4) * 4, 16)
+    assert torch.equal(xs[:, :x.shape[1]][:x.shape[0]], x) and torch.equal(ys[:x.shape[0], :x.shape[1]], y)
+    assert (ys[x.shape[0]:] == -100).all() and (ys[:, x.shape[1]:] == -100).all()  # padding never has a target
+    assert (ps[:, x.shape[1]:] == 0).all()  # each padding slot is its own one-token example
+    cfg = ModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64)
+    model = Llama(cfg).init_weights()
+    xs, x = xs % 32, x % 32
+    assert torch.allclose(model(x, y, pos), model(xs, ys, ps), atol=1e-6)  # padding changes nothing
+
+
+def test_make_step_is_the_mean_loss_step():
+    """make_step over two micro-batches == one AdamW step on the mean target-token loss of all examples."""
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64)
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(3, 64, (n,), generator=g).tolist(), p) for n, p in ((9, 3), (14, 5), (6, 2), (11, 4))]
+    models = []
+    for _ in range(2):
+        m = Llama(cfg).init_weights(seed=1)
+        lora.apply(m, lora.Config(rank=4))
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        models.append(m)
+    tcfg = train.TrainConfig(lr=1e-2)
+    m = models[0]
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = train.make_optimizer(params, tcfg, torch.device("cpu"))
+    batches, n_tgt, _ = train.micro_batches(seqs, [0, 1, 2, 3], 2, 32, 0)
+    loss, norm = train.make_step(m, opt, params, 1e9)(batches, n_tgt)
+    ref = models[1]
+    rparams = [p for p in ref.parameters() if p.requires_grad]
+    ropt = torch.optim.AdamW(rparams, lr=1e-2)
+    x, y, pos = train.pack(seqs, 64, 0)  # every example in one row: the plain mean over all targets
+    rloss = ref(x, y, pos)
+    rloss.backward()
+    rnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in rparams]))
+    ropt.step()
+    assert torch.allclose(loss, rloss, atol=1e-6) and torch.allclose(norm, rnorm, atol=1e-6)
+    for a, b in zip(params, rparams):  # Adam's first step is ~lr * sign(g): rounding of tiny g shows at 1e-5
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_bench_smoke():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--smoke", "--methods", "lora,sb,dylora"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l for l in r.stdout.splitlines() if l.startswith("| tiny |")]
+    assert [l.split("|")[2].strip() for l in rows] == ["lora", "sb", "dylora"]
+    assert float(rows[1].split("|")[8]) > 0  # sb reports its init time
+
+
+def test_results_table(tmp_path, tiny_dir, gsm_file):
+    import results
+    argv = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path),
+            "--methods", "lora,dylora", "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384",
+            "--eval_limit", "2", "--device", "cpu"]
+    rows = results.main(argv)
+    assert [r["name"] for r in rows] == ["lora", "dylora"] and set(rows[1]["by_rank"]) == {1, 2, 4, 8, 16}
+    table = open(tmp_path / "results.md").read()
+    assert "| lora | 0.0002 | 16 |" in table and "| dylora @ rank 4 |" in table
+    rows2 = results.main(argv)  # finished runs are read back, not redone
+    assert json.loads(json.dumps(rows2)) == json.loads(json.dumps(rows))
