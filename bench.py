@@ -97,6 +97,7 @@ def bench_ours(shape, name, args, device, dtype):
     sync(device)
     init_s = time.time() - t0 if getattr(mcfg, "init_samples", 0) > 0 else None
     if args["compile"]:
+        torch._dynamo.reset()  # every row compiles afresh: past rows' graphs would count against the recompile limit
         model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.make_optimizer(params, tcfg, device, graphed)

@@ -12,10 +12,10 @@ split across sessions and re-run to finish. Writes <out_dir>/results.md (the tab
 """
 import json
 import os
+import subprocess
 import sys
 
 import eval as ev
-import train
 from model import UserError
 
 RUNS = {  # name: train.py flags beyond the shared ones (each method's own defaults otherwise)
@@ -39,7 +39,10 @@ def run(name, args):
     argv = RUNS[name] + ["--model", args["model"], "--data", args["data"], "--test_data", args["test_data"],
                          "--out_dir", args["out_dir"], "--run_name", name, "--eval_every", "50", "--log_every", "10",
                          "--save_every", "100000"] + args["extra"]
-    r = train.main(argv)
+    rc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")] + argv).returncode
+    if rc:  # a process per run: each run's peak memory and CUDA state are its own
+        raise UserError(f"the {name} run failed (exit {rc}); its output is above")
+    r = json.load(open(os.path.join(out, "summary.json")))
     cfg = json.load(open(os.path.join(out, "config.json")))
     res = dict(name=name, lr=cfg["train"]["lr"], rank=cfg["method_config"].get("rank"), steps=r["steps"],
                trainable=r["trainable_params"], init_s=r["init_s"], train_s=r["train_s"], tok_s=r["tok_s"],

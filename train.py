@@ -504,6 +504,8 @@ def main(argv=None):
     device = torch.device("cuda" if tcfg.device == "auto" and torch.cuda.is_available() else
                           tcfg.device if tcfg.device != "auto" else "cpu")
     dtype = getattr(torch, tcfg.dtype) if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this run's peak, even when called in-process after another
     cpu = device.type == "cpu"  # the defaults: the real experiment on CUDA, a few minutes on a CPU
     if cpu and -1 in (tcfg.max_steps, tcfg.val_size, tcfg.eval_limit):
         print("CPU: a bounded run (8 steps, 32 held-out examples, 16 test problems, where not set); "
@@ -649,6 +651,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - t_train - t_eval
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None  # training's peak
     if start >= total and ckpt is not None:
         print(f"{run_dir} had already finished ({total} steps)")
     if tcfg.export == "peft":
@@ -667,9 +670,10 @@ def main(argv=None):
         ev.save_results(records, dict(summary, data=test_path, method=tcfg.method), os.path.join(run_dir, "gsm8k.jsonl"))
         print(f"GSM8K accuracy {summary['accuracy']:.4f} on {summary['n']} problems of {test_path} "
               f"(invalid {summary['invalid_rate']:.4f}); details in {run_dir}/gsm8k.jsonl")
-    return dict(run_dir=run_dir, steps=total - start, trainable_params=n_train, init_s=init_s, train_s=train_s,
-                tok_s=all_tok / max(train_s, 1e-9), val_loss=vl, gsm8k=summary,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+    out = dict(run_dir=run_dir, steps=total - start, trainable_params=n_train, init_s=init_s, train_s=train_s,
+               tok_s=all_tok / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
+    save_json(out, os.path.join(run_dir, "summary.json"))
+    return out
 
 
 if __name__ == "__main__":
