@@ -354,8 +354,11 @@ class Llama(nn.Module):
             return self.lm_head(x[:, -1]).float()  # (B, V)
         if targets is None:
             return self.lm_head(x)
-        return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk,
-                                         self.ce_chunk)
+        h, t = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
+        if not h.is_cuda:  # the CPU never captures a graph: drop rows without a target (prompt, padding) first
+            keep = t != -100
+            h, t = h[keep], t[keep]
+        return ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, self.loss_chunk, self.ce_chunk)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16):
