@@ -391,6 +391,7 @@ def main(argv=None):
                               state_path, torch.save)
 
     if distributed:  # the rest (the GSM8K score, the summary) on rank 0 alone; every rank holds the same model
+        dist.barrier()  # first, every rank's last collective completes (gloo aborts a process that exits mid-send)
         dist.destroy_process_group()
         if rank > 0:
             return None

@@ -13,6 +13,7 @@ Several GPUs: torchrun --nproc_per_node N train.py ... (DDP; --fsdp shards with 
 its share of each step's batch_size examples; the math is one process's, up to the order of float sums.
 """
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -781,6 +782,13 @@ def main(argv=None):
     if start >= total and ckpt is not None:
         print(f"{run_dir} had already finished ({total} steps)")
     if distributed:  # what is left (export, the GSM8K score) runs on rank 0 alone, with no collective to time out
+        # first free what uses the process group (DDP, FSDP2's shards) while it lives, and let every rank's last
+        # collective complete: gloo can abort a process whose FSDP2 state is torn down only at exit, after it
+        train_step = step_model = opt = params = grad_norm = None
+        if tcfg.fsdp:
+            model = None
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
         if rank > 0:
             return None
