@@ -26,6 +26,10 @@ batch, divided by the expected batch size. sigma is found for the target epsilon
 (or PRV) accountant of the subsampled Gaussian, with delta = 1 / (client examples) unless --dp_delta is given.
 Fed-SB helps here: noise on R enters W as B xi A (linear, norm-preserving for orthonormal B, A), while noisy
 LoRA factors multiply. LoRA-SB's initialisation gradients are NOT private unless --sb_init_data is public data.
+
+Several processes (torchrun --nproc_per_node N fed.py ..., one per GPU): each process trains a contiguous share of
+a round's clients; every process then receives every client's state (all_gather) and aggregates them in client
+order, so all processes hold the global state that one process would compute. Rank 0 writes the files.
 """
 import math
 import os
@@ -34,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import fetch
@@ -267,11 +272,16 @@ def main(argv=None):
     method = FED_METHODS[cfg.method]
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           cfg.device if cfg.device != "auto" else "cpu")
+    distributed, rank, world, device = train.init_distributed(device)
     dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
     cfg.val_size = (32 if device.type == "cpu" else 256) if cfg.val_size < 0 else cfg.val_size
     torch.manual_seed(cfg.seed)
     os.makedirs(run_dir, exist_ok=True)
+    if rank > 0:
+        dist.barrier()  # rank 0 fetches first (downloads into the cache); the others then read its cache
     model_path, data_path = fetch.resolve_model(cfg.model), fetch.resolve_data(cfg.data, "train")
+    if distributed and rank == 0:
+        dist.barrier()
 
     # data: the held-out split of train.py, then client shards of the rest
     tok = Tokenizer.from_pretrained(model_path)
@@ -301,8 +311,10 @@ def main(argv=None):
             train.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
         mcfg.lr_1 = mcfg.lr_1 or train.get_lr(0, cfg, steps[0])
         idxs = train.example_order(len(init_ex), cfg.seed, 0, mcfg.init_samples)
-        grads = train.init_grads(model, train.micro_batches(init_ex, idxs, micro, cfg.max_len, tok.pad_id)[0],
-                                 mcfg.targets, mcfg.init_offload)
+        batches, n_tgt, _ = train.micro_batches(init_ex, idxs, micro, cfg.max_len, tok.pad_id, False, rank, world)
+        grads = train.init_grads(model, batches, mcfg.targets, mcfg.init_offload, n_tgt)
+        if distributed:  # as in train.py: each process's share of the init examples, summed
+            train.all_reduce_sum(grads.values(), device)
     comm = communication(model, cfg, mcfg)  # from the base model's module shapes
     method.apply(model, mcfg, grads, init=saved is None)
     if cfg.method == "ffa":  # FFA-LoRA: A stays at its (seeded, shared) init; only B trains
@@ -340,15 +352,26 @@ def main(argv=None):
         picked = sorted(torch.randperm(cfg.clients, generator=g)[:n_pick].tolist())
         fails = {k: int(torch.randint(steps[k], (1,), generator=g)) for k in picked
                  if float(torch.rand(1, generator=g)) < cfg.drop_prob}
-        states, sizes = [], []
-        for k in picked:
+        done = []  # (client, its trained state or None if it dropped out), for this process's share of the clients
+        for k in picked[rank * len(picked) // world:(rank + 1) * len(picked) // world]:
             load_state(model, global_state)  # every client starts from the same global adapter
             try:
-                states.append(local_train(model, cfg, data, shards[k], steps[k], cfg.seed + 7919 * (rnd * cfg.clients + k),
-                                          tok.pad_id, dp and (dp["sigma"], dp["q"][k]), fails.get(k)))
-                sizes.append(len(shards[k]))
+                seed = cfg.seed + 7919 * (rnd * cfg.clients + k)
+                done.append((k, local_train(model, cfg, data, shards[k], steps[k], seed, tok.pad_id,
+                                            dp and (dp["sigma"], dp["q"][k]), fails.get(k))))
             except ClientDropped:
+                done.append((k, None))
+        if distributed:  # every process gets every client's state, in the order of `picked` (CPU tensors, pickled)
+            parts = [None] * world
+            dist.all_gather_object(parts, done)
+            done = [d for part in parts for d in part]
+        states, sizes = [], []
+        for k, state in done:
+            if state is None:
                 print(f"round {rnd + 1}: client {k} dropped out")
+            else:
+                states.append(state)
+                sizes.append(len(shards[k]))
         if states:  # survivors only, re-weighted by their examples
             global_state = {n: v.cpu() for n, v in aggregate(model, cfg, states, [s / sum(sizes) for s in sizes]).items()}
         load_state(model, global_state)
@@ -362,9 +385,16 @@ def main(argv=None):
               f"{log[-1]['val_loss']:.4f}, {up:,} parameters up, {down:,} down")
         base = {n: m.weight.detach().cpu() for n, m in model.named_modules()
                 if isinstance(m, method.Linear)} if cfg.method == "fedex" else {}
-        train.atomic_save(dict(round=rnd + 1, adapter=method.adapter_state_dict(model), base=base, log=log,
-                               totals=totals, config=asdict(cfg), method_config=asdict(mcfg)), state_path, torch.save)
+        if rank == 0:
+            train.atomic_save(dict(round=rnd + 1, adapter=method.adapter_state_dict(model), base=base, log=log,
+                                   totals=totals, config=asdict(cfg), method_config=asdict(mcfg)),
+                              state_path, torch.save)
 
+    if distributed:  # the rest (the GSM8K score, the summary) on rank 0 alone; every rank holds the same model
+        dist.barrier()  # first, every rank's last collective completes (gloo aborts a process that exits mid-send)
+        dist.destroy_process_group()
+        if rank > 0:
+            return None
     summary = dict(method=cfg.method, rank=mcfg.rank, clients=cfg.clients, rounds=cfg.rounds, split=cfg.split,
                    per_client_per_round=comm, total=totals, final_val_loss=log[-1]["val_loss"], dp=dp, log=log)
     if cfg.eval_gsm8k:

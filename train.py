@@ -8,18 +8,23 @@ how to save, load and merge itself; this file never branches on the method.
 Precision: the frozen base stays in bf16 on CUDA, trainable tensors are fp32, compute runs under bf16 autocast;
 on CPU everything is fp32.
 Outputs in out/<run_name>/: config.json, log.jsonl, adapter.safetensors + adapter.json, ckpt.pt (resume).
+
+Several GPUs: torchrun --nproc_per_node N train.py ... (DDP; --fsdp shards with FSDP2). Every process trains on
+its share of each step's batch_size examples; the math is one process's, up to the order of float sums.
 """
 import dataclasses
+import gc
 import json
 import math
 import os
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -68,6 +73,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block
     cuda_graph: bool = True  # on CUDA: capture each training step as one CUDA graph (fixed-shape batches)
     grad_checkpoint: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 200
@@ -252,10 +258,14 @@ def example_order(n, seed, start, count):
     return [perms[k // n][k % n] for k in range(start, start + count)]
 
 
-def micro_batches(data, idxs, micro, max_len, pad_id, static=False):
-    """Pack each group of `micro` examples: [(x, y, pos)], the step's target tokens and real (non-pad) tokens."""
-    batches = [pack([data[i] for i in idxs[j:j + micro]], max_len, pad_id, static) for j in range(0, len(idxs), micro)]
-    return batches, sum(int((y != -100).sum()) for _, y, _ in batches), sum(len(data[i][0]) - 1 for i in idxs)
+def micro_batches(data, idxs, micro, max_len, pad_id, static=False, rank=0, world=1):
+    """Pack each group of `micro` examples of process `rank`'s contiguous share of idxs (all of them in one
+    process): [(x, y, pos)], and the target and real (non-pad) tokens of all of idxs, every process's share: the
+    loss is a mean over the whole step, which every process can count without asking the others."""
+    mine = idxs[rank * len(idxs) // world:(rank + 1) * len(idxs) // world]
+    batches = [pack([data[i] for i in mine[j:j + micro]], max_len, pad_id, static) for j in range(0, len(mine), micro)]
+    n_tgt = sum(len(data[i][0]) - data[i][1] for i in idxs)  # pack's y holds ids[n_prompt:] of each example
+    return batches, n_tgt, sum(len(data[i][0]) - 1 for i in idxs)
 
 
 # -----------------------------------------------------------------------------
@@ -291,10 +301,26 @@ def evaluate(model, batches):
     return total.item() / max(1, count)
 
 
-def make_step(model, opt, params, grad_clip, cuda_graph=False):
+@contextmanager
+def no_sync(model):
+    """A backward without the data-parallel gradient exchange (DDP's all-reduce, FSDP2's reduce-scatter): the
+    micro-batches of a step accumulate locally and only the last one communicates. A plain module: nothing."""
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    if fsdp:
+        model.set_requires_gradient_sync(False)
+    with model.no_sync() if hasattr(model, "no_sync") else nullcontext():
+        yield
+    if fsdp:
+        model.set_requires_gradient_sync(True)
+
+
+def make_step(model, opt, params, grad_clip, cuda_graph=False, world=1):
     """step(batches, n_tgt) -> (loss, grad_norm) as device tensors: forward and backward over the micro-batches
     [(x, y, pos)] (each one's mean loss weighted by its share of the step's n_tgt target tokens), clip, AdamW.
     Nothing in it waits for the GPU; the caller reads the tensors only when it logs.
+    Data parallel (model wrapped by DDP or FSDP2, `world` processes): the batches are this process's share, n_tgt
+    counts every process's targets, and DDP/FSDP2 average the processes' gradients, so each weight is world x its
+    share: the average is then the gradient of the step's mean loss, as in one process (no all-reduce of n_tgt).
     cuda_graph: the whole step (every micro-batch, clipping, the optimizer) is captured once per batch shape
     as a CUDA graph and then replayed, so the CPU launches one graph per step instead of thousands of kernels:
     small models are otherwise bound by launch overhead, not by the GPU. It needs fixed shapes
@@ -304,10 +330,11 @@ def make_step(model, opt, params, grad_clip, cuda_graph=False):
 
     def run(batches, weights):
         total = torch.zeros((), device=dev)
-        for (x, y, pos), w in zip(batches, weights):
-            with autocast(dev):
-                loss = model(x, y, pos) * w  # the step's loss is the mean over all its target tokens
-            loss.backward()
+        for j, ((x, y, pos), w) in enumerate(zip(batches, weights)):
+            with no_sync(model) if j < len(batches) - 1 else nullcontext():  # gradients sync once, at the end
+                with autocast(dev):
+                    loss = model(x, y, pos) * w  # the step's loss is the mean over all its target tokens
+                loss.backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=dev.type == "cuda")
         opt.step()
@@ -317,7 +344,7 @@ def make_step(model, opt, params, grad_clip, cuda_graph=False):
         return None if t is None else t.to(dev, non_blocking=True)  # pos None: plain causal rows
 
     def weights(batches, n_tgt):
-        return [float((y != -100).sum()) / n_tgt for _, y, _ in batches]  # y is still on the CPU: no sync
+        return [world * float((y != -100).sum()) / n_tgt for _, y, _ in batches]  # y is still on the CPU: no sync
 
     if not cuda_graph:
         def step(batches, n_tgt):
@@ -383,11 +410,12 @@ def set_lr(opt, lr):
             g["lr"] = lr
 
 
-def init_grads(model, batches, targets, offload=False):
+def init_grads(model, batches, targets, offload=False, n_tgt=0):
     """fp32 gradient of the mean target-token loss over `batches`, for every nn.Linear named in `targets`
     (LoRA-SB and LoRA-GA initialise from it). Only those weights get gradients; each is folded into its fp32
     accumulator as soon as it is formed (optionally on the CPU), so no second weight-sized tensor per layer
-    lives on the GPU beyond one transient gradient."""
+    lives on the GPU beyond one transient gradient. n_tgt: the target tokens of every process's batches (data
+    parallel): each process's part is then weighted by its share of them, and the parts sum to the whole."""
     dev = model.lm_head.weight.device
     model.requires_grad_(False)
     weights = {n: m.weight for n, m in model.named_modules() if type(m) is nn.Linear and n.split(".")[-1] in targets}
@@ -401,7 +429,7 @@ def init_grads(model, batches, targets, offload=False):
             a.add_(p.grad.to(a.device, torch.float32))
             p.grad = None
         hooks.append(w.register_post_accumulate_grad_hook(fold))
-    total = sum(int((y != -100).sum()) for _, y, _ in batches)
+    total = n_tgt or sum(int((y != -100).sum()) for _, y, _ in batches)
     for x, y, pos in batches:
         with autocast(dev):
             loss = model(x.to(dev), y.to(dev), pos.to(dev)) * ((y != -100).sum().item() / total)
@@ -410,6 +438,30 @@ def init_grads(model, batches, targets, offload=False):
         h.remove()
     model.requires_grad_(False)
     return acc
+
+
+def init_distributed(device):
+    """(distributed, rank, world, device). Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), as in nanoGPT:
+    one process per GPU (cuda:LOCAL_RANK), nccl on CUDA, gloo on CPU; rank 0 speaks for the job. One process
+    (no RANK): (False, 0, 1, device), and torch.distributed is never touched."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # every rank's errors still reach stderr
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(tensors, device):
+    """Sum each tensor over the processes, in place (nccl reduces GPU tensors: a CPU one visits `device`)."""
+    for t in tensors:
+        r = t.to(device)
+        dist.all_reduce(r)
+        t.copy_(r)
 
 
 def atomic_save(obj, path, save_fn):
@@ -422,9 +474,20 @@ def save_json(obj, path):
     atomic_save(obj, path, lambda o, p: open(p, "w").write(json.dumps(o, indent=2) + "\n"))
 
 
-def save_adapter(method, model, tcfg, mcfg, run_dir, step):
+def whole(state):
+    """A (nested) state dict with FSDP2's sharded DTensors gathered into whole tensors, kept by rank 0 on the CPU
+    (every process must call it, in the same order: each gather is a collective); other states as they are."""
+    if isinstance(state, dict):
+        return {k: whole(v) for k, v in state.items()}
+    if hasattr(state, "full_tensor"):  # a DTensor
+        t = state.full_tensor()
+        return t.cpu() if dist.get_rank() == 0 else None
+    return state
+
+
+def save_adapter(sd, tcfg, mcfg, run_dir, step):
     from safetensors.torch import save_file
-    sd = {k: v.detach().contiguous() for k, v in method.adapter_state_dict(model).items()}
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
     meta = dict(method=tcfg.method, config=asdict(mcfg), base_model=tcfg.model, template=tcfg.template, step=step)
     atomic_save(sd, os.path.join(run_dir, "adapter.safetensors"),
                 lambda o, p: save_file(o, p, metadata={"nanopeft": json.dumps(meta)}))
@@ -503,6 +566,12 @@ def main(argv=None):
         raise UserError(f"--export must be peft or merged, got {tcfg.export!r}")
     device = torch.device("cuda" if tcfg.device == "auto" and torch.cuda.is_available() else
                           tcfg.device if tcfg.device != "auto" else "cpu")
+    if tcfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
+        raise UserError(f"--batch_size={tcfg.batch_size} must be divisible by the number of processes "
+                        f"({os.environ['WORLD_SIZE']})")
+    distributed, rank, world, device = init_distributed(device)
+    if tcfg.fsdp and not distributed:
+        print("--fsdp: one process, nothing to shard (launch with torchrun --nproc_per_node N to shard)")
     dtype = getattr(torch, tcfg.dtype) if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # this run's peak, even when called in-process after another
@@ -513,10 +582,14 @@ def main(argv=None):
     tcfg.max_steps = (8 if cpu else 0) if tcfg.max_steps < 0 else tcfg.max_steps
     tcfg.val_size = (32 if cpu else 256) if tcfg.val_size < 0 else tcfg.val_size
     tcfg.eval_limit = (16 if cpu else 0) if tcfg.eval_limit < 0 else tcfg.eval_limit
+    if rank > 0:
+        dist.barrier()  # rank 0 fetches first (downloads, conversions into the cache); the others then read its cache
     model_path, data_path = fetch.resolve_model(tcfg.model), fetch.resolve_data(tcfg.data, "train")
     test = ("gsm8k" if tcfg.data == "gsm8k" else "") if tcfg.test_data == "auto" else tcfg.test_data
     test_path = fetch.resolve_data(test, "test") if test else ""
-    torch.manual_seed(tcfg.seed)
+    if distributed and rank == 0:
+        dist.barrier()
+    torch.manual_seed(tcfg.seed + rank)  # each rank its own dropout masks (nanoGPT's seed_offset); inits seed apart
     os.makedirs(run_dir, exist_ok=True)
     print(json.dumps(dict(train=asdict(tcfg), method_config=asdict(mcfg)), indent=2))
 
@@ -534,8 +607,10 @@ def main(argv=None):
     val_batches = [pack(val[j:j + micro], tcfg.max_len, tok.pad_id) for j in range(0, len(val), micro)]
     total = tcfg.max_steps or math.ceil(tcfg.epochs * len(train) / tcfg.batch_size)
     print(f"{len(train)} training examples ({cut} truncated to {tcfg.max_len} tokens), {len(val)} held out, "
-          f"{total} steps of {tcfg.batch_size}")
+          f"{total} steps of {tcfg.batch_size}" + (f" over {world} processes" if distributed else ""))
 
+    # every process holds the whole model until it is wrapped below, and evaluates the whole held-out set (the
+    # same number on every rank; FSDP2 needs every rank in every forward anyway); rank 0 alone writes files
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
     log_path = os.path.join(run_dir, "log.jsonl")
     log = []
@@ -550,59 +625,113 @@ def main(argv=None):
         if hasattr(mcfg, "lr_1"):  # LoRA-SB: the learning rate of the first optimizer step
             mcfg.lr_1 = mcfg.lr_1 or get_lr(0, tcfg, total)
         idxs = example_order(len(train), tcfg.seed, 0, mcfg.init_samples)
-        grads = init_grads(model, micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id)[0], mcfg.targets,
-                           getattr(mcfg, "init_offload", False))
+        batches, n_tgt, _ = micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id, False, rank, world)
+        grads = init_grads(model, batches, mcfg.targets, getattr(mcfg, "init_offload", False), n_tgt)
+        if distributed:  # each rank's part, weighted by its share of the targets: their sum is the whole
+            all_reduce_sum(grads.values(), device)
     method.apply(model, mcfg, grads, init=ckpt is None)  # resuming: the checkpoint holds every tensor
+    init_diff = None
+    if distributed and grads is not None:  # every rank built the init from the same gradient: check they agree
+        v = torch.cat([t.detach().flatten().float() for t in method.adapter_state_dict(model).values()])
+        v0 = v.clone()
+        dist.broadcast(v0, 0)
+        d = (v - v0).abs().max()
+        dist.all_reduce(d, dist.ReduceOp.MAX)
+        init_diff = d.item()  # logged; DDP then copies rank 0's tensors to every rank regardless
     del grads
     if device.type == "cuda":
         torch.cuda.synchronize()
     init_s = time.time() - t0
     config = dict(train=asdict(tcfg), method_config=asdict(mcfg))  # resolved, lr_1 included
-    save_json(config, os.path.join(run_dir, "config.json"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    graphed = tcfg.cuda_graph and device.type == "cuda" and getattr(method, "CUDA_GRAPH", True)
+    if rank == 0:
+        save_json(config, os.path.join(run_dir, "config.json"))
+    if ckpt is not None:  # resume: whole tensors, loaded before any sharding
+        method.load_adapter_state_dict(model, ckpt["adapter"])
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # data parallel: DDP keeps a whole model per GPU and averages the trainable tensors' gradients; FSDP2 shards
+    # every tensor (weights, gradients, optimizer state) over the GPUs, block by block, then the rest (root)
+    step_model = model  # what the training step calls; checkpoints and evaluation use `model`
+    if distributed and tcfg.fsdp:  # each process loaded the whole model first: it must fit one GPU in the base dtype
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.model.layers:  # all-gathered in their own dtypes: the one-GPU precision policy
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif distributed:  # the constructor copies rank 0's weights to every rank; buffers never change: not re-sent
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else
+                                                         None, broadcast_buffers=False)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2: this rank's shards (DTensors)
+    # no CUDA graph under torchrun: DDP and FSDP2 launch their collectives from hooks during backward, which one
+    # captured graph replayed step after step would not reproduce
+    graphed = tcfg.cuda_graph and device.type == "cuda" and getattr(method, "CUDA_GRAPH", True) and not distributed
     if tcfg.cuda_graph and device.type == "cuda" and not graphed:
-        print(f"{tcfg.method}: no CUDA graph (its layers change shape from step to step)")
+        print(f"{tcfg.method}: no CUDA graph " + ("under torchrun" if distributed else
+                                                  "(its layers change shape from step to step)"))
     opt = make_optimizer(params, tcfg, device, graphed)
     start = 0
     if ckpt is not None:  # resume: adapter, optimizer, RNG, step; the data order is a function of the step
-        method.load_adapter_state_dict(model, ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
         for g in opt.param_groups:  # the lr's type (float or device tensor) is this run's, not the saved one's
             g["lr"] = torch.tensor(float(g["lr"]), device=device) if graphed else float(g["lr"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        if distributed and tcfg.fsdp:  # whole saved moments -> this rank's shard of each (no communication)
+            from torch.distributed.tensor import distribute_tensor
+            for p in params:
+                for k, v in opt.state[p].items():
+                    if v.dim():  # not the scalar step count
+                        opt.state[p][k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+        if rank == 0:  # the saved stream is rank 0's; other ranks keep their own (dropout masks only)
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if device.type == "cuda" and "rng_cuda" in ckpt:
+                torch.cuda.set_rng_state(ckpt["rng_cuda"])
         start = ckpt["step"]
         if os.path.isfile(log_path):  # forget log lines written after the checkpoint
             log = [l for l in map(json.loads, open(log_path)) if l.get("step", 0) <= start]
         print(f"resumed {run_dir} at step {start}")
     else:
         log.append(dict(step=0, init_s=round(init_s, 3), trainable_params=n_train))
+        if distributed:
+            log[-1]["processes"] = world
+        if init_diff is not None:
+            log[-1]["init_rank_diff"] = init_diff
         log.append(dict(step=0, val_loss=evaluate(model, val_batches)))
-    atomic_save(log, log_path, lambda o, p: open(p, "w").write("".join(json.dumps(l) + "\n" for l in o)))
+    if rank == 0:
+        atomic_save(log, log_path, lambda o, p: open(p, "w").write("".join(json.dumps(l) + "\n" for l in o)))
     print(f"{tcfg.method}: {n_train:,} trainable parameters, init {init_s:.2f}s")
 
     def log_line(entry):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
-    def checkpoint(step):
-        save_adapter(method, model, tcfg, mcfg, run_dir, step)
-        state = dict(step=step, adapter=method.adapter_state_dict(model), optimizer=opt.state_dict(),
-                     rng_cpu=torch.get_rng_state(), config=json.dumps(config))
+    def checkpoint(step):  # the unwrapped model's whole tensors, whatever the number of processes
+        adapter, optimizer = whole(method.adapter_state_dict(model)), whole(opt.state_dict())
+        if rank > 0:
+            return
+        save_adapter(adapter, tcfg, mcfg, run_dir, step)
+        state = dict(step=step, adapter=adapter, optimizer=optimizer, rng_cpu=torch.get_rng_state(),
+                     config=json.dumps(config))
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         atomic_save(state, ckpt_path, torch.save)
+
+    def summed(loss_sum, slots):
+        """The mean step loss (each rank's carries world x its share, see make_step) and the padded slots of every
+        process: one small all-reduce, on log and save steps only."""
+        if not distributed:
+            return loss_sum.item(), slots
+        t = torch.tensor([loss_sum.item(), slots], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t[0].item() / world, t[1].item()
 
     if tcfg.grad_checkpoint:
         model.grad_checkpoint = True
     if tcfg.compile:
         model.compile()
     model.train()
-    train_step = make_step(model, opt, params, tcfg.grad_clip, graphed)
-    bar = tqdm(range(start, total), initial=start, total=total, desc=tcfg.method, dynamic_ncols=True)
+    train_step = make_step(step_model, opt, params, tcfg.grad_clip, graphed, world)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=tcfg.method, dynamic_ncols=True, disable=rank > 0)
     t_log, real_tok, slots, last_log, last_saved = time.time(), 0, 0, start, start
     t_train, t_eval, all_tok, vl = time.time(), 0.0, 0, float("nan")  # the loop's time (evaluations excluded)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync until a log step
@@ -610,8 +739,8 @@ def main(argv=None):
         lr = get_lr(step, tcfg, total)
         set_lr(opt, lr)
         method.on_step(model, step)
-        idxs = example_order(len(train), tcfg.seed, step * tcfg.batch_size, tcfg.batch_size)
-        batches, n_tgt, n_real = micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id, graphed)
+        idxs = example_order(len(train), tcfg.seed, step * tcfg.batch_size, tcfg.batch_size)  # this rank: its share
+        batches, n_tgt, n_real = micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id, graphed, rank, world)
         loss, grad_norm = train_step(batches, n_tgt)
         loss_sum += loss
         real_tok += n_real
@@ -619,14 +748,15 @@ def main(argv=None):
         slots += sum(x.numel() for x, _, _ in batches)
         done = step + 1
         if done % tcfg.log_every == 0 or done == total:
-            loss_val = loss_sum.item() / (done - last_log)
+            loss_val, all_slots = summed(loss_sum, slots)  # real_tok counts every rank's tokens already
+            loss_val /= done - last_log
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
                 raise UserError(f"loss is {loss_val} at step {done}: training stopped; " + (
                     f"the last good checkpoint (step {last_saved}) is in {run_dir}" if last_saved else
                     "no checkpoint had been saved") + "; lower --lr or check the data")
             dt = time.time() - t_log
             entry = dict(step=done, loss=round(loss_val, 5), lr=lr, grad_norm=round(grad_norm.item(), 5),
-                         tok_s=round(real_tok / dt), pad_frac=round(1 - real_tok / slots, 4),
+                         tok_s=round(real_tok / dt), pad_frac=round(1 - real_tok / all_slots, 4),
                          peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3)
                          if device.type == "cuda" else None)
             log_line(entry)
@@ -640,7 +770,7 @@ def main(argv=None):
             log_line(dict(step=done, val_loss=round(vl, 5)))
             bar.write(f"step {done}: held-out loss {vl:.4f}")
         if done % tcfg.save_every == 0 or done == total:
-            loss_val = loss_sum.item() if done % tcfg.log_every else loss_val
+            loss_val = summed(loss_sum, slots)[0] if done % tcfg.log_every else loss_val
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):  # never save a broken state
                 raise UserError(f"loss is {loss_val} at step {done}: training stopped; " + (
                     f"the last good checkpoint (step {last_saved}) is in {run_dir}" if last_saved else
@@ -654,6 +784,21 @@ def main(argv=None):
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None  # training's peak
     if start >= total and ckpt is not None:
         print(f"{run_dir} had already finished ({total} steps)")
+    if distributed:  # what is left (export, the GSM8K score) runs on rank 0 alone, with no collective to time out
+        # first free what uses the process group (DDP, FSDP2's shards) while it lives, and let every rank's last
+        # collective complete: gloo can abort a process whose FSDP2 state is torn down only at exit, after it
+        train_step = step_model = opt = params = grad_norm = None
+        if tcfg.fsdp:
+            model = None
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank > 0:
+            return None
+        if tcfg.fsdp and (tcfg.export or test_path):  # rank 0 holds shards: rebuild the whole model from its adapter
+            model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+            method.apply(model, mcfg, init=False)
+            method.load_adapter_state_dict(model, load_adapter(run_dir)[2])
     if tcfg.export == "peft":
         save_peft(model, os.path.join(run_dir, "peft"), tcfg.model)
         print(f"PEFT adapter written to {run_dir}/peft")

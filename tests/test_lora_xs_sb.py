@@ -86,10 +86,10 @@ def test_sb_through_train_uses_init_samples_examples_and_first_step_lr(tmp_path,
     seen = {}
     real = train.init_grads
 
-    def spy(model, batches, targets, offload=False):
+    def spy(model, batches, targets, offload=False, n_tgt=0):
         # an example starts where pos is 0 and the next position is 1 (padding is pos 0 followed by 0)
         seen["n"] = sum(int(((p == 0) & (p.roll(-1, 1) == 1)).sum()) for _, _, p in batches)
-        seen["grads"] = real(model, batches, targets, offload)
+        seen["grads"] = real(model, batches, targets, offload, n_tgt)
         seen["copy"] = {k: v.clone() for k, v in seen["grads"].items()}
         return seen["grads"]
     monkeypatch.setattr(train, "init_grads", spy)
