@@ -236,7 +236,8 @@ def main(argv=None):
     print(f"\n{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args['batch']} x {args['seq']}"
           f"{', compile' if args['compile'] else ''}{', CUDA graph' if args['cuda_graph'] else ''}"
           f"{', activation checkpointing' if args['grad_checkpoint'] else ''}\n")
-    print("| shape | method | trainable | tok/s | step ms | peak GiB | MFU % | init s |\n|---|---|---|---|---|---|---|---|")
+    print("| shape | method | trainable | tok/s | step ms | peak GiB | MFU % | init s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "note" in r:
             print(f"| {r['shape']} | {r['method']} | {r['note']} | | | | | |")

@@ -39,7 +39,8 @@ def run(name, args):
     argv = RUNS[name] + ["--model", args["model"], "--data", args["data"], "--test_data", args["test_data"],
                          "--out_dir", args["out_dir"], "--run_name", name, "--eval_every", "50", "--log_every", "10",
                          "--save_every", "100000"] + args["extra"]
-    rc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")] + argv).returncode
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    rc = subprocess.run([sys.executable, script] + argv).returncode
     if rc:  # a process per run: each run's peak memory and CUDA state are its own
         raise UserError(f"the {name} run failed (exit {rc}); its output is above")
     r = json.load(open(os.path.join(out, "summary.json")))
