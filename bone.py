@@ -8,11 +8,15 @@ block, shared by that row's column blocks:
     W'_ij = W_ij + W_ij R_i + R_i = W_ij (I + R_i) + R_i            R_i = 0 at init: the model starts at W0
 
 The update is guided by the weight itself (W_ij R_i) and its gradient is dL/dR_i = sum_j (W_ij^T + I) G_ij, with
-G = dL/dW' the full weight gradient. Cost: W' is materialised once per forward in the compute dtype (a batched
-product of 2 b d_out d_in FLOPs), and the backward forms the weight-sized gradient G as full fine-tuning does, so a
-step costs about what full fine-tuning costs (which is why the paper finds it converges like it); memory stays
-far lower (no optimizer state for W). Autograd keeps one compute-dtype W' per layer for the input gradient;
---grad_checkpoint recomputes it instead. d_in and d_out must be multiples of b.
+G = dL/dW' the full weight gradient. The forward computes W x + Delta W x with Delta W = W' - W (blocks W_ij R_i +
+R_i) materialised once per forward in the compute dtype (a batched product of 2 b d_out d_in FLOPs) and applied as
+its own GEMM, added inside the base GEMM's accumulator (model.adapted_linear). Forming W' = W + Delta W in bf16
+instead would round most of the update away: early in training |Delta W| is far below half a bf16 ulp of W
+(tests/test_precision.py). That costs one more weight-sized GEMM in the forward and one in the backward; the
+backward forms the weight-sized gradient G as full fine-tuning does anyway, so a step costs about what full
+fine-tuning costs (which is why the paper finds it converges like it); memory stays far lower (no optimizer state
+for W). Autograd keeps one compute-dtype Delta W per layer for the input gradient; --grad_checkpoint recomputes it
+instead. d_in and d_out must be multiples of b.
 
 `bone_variant=shared` is the later weight-free form (PEFT's MiSS default): a trainable D (b, d_out), zeros,
 tiled across the input, Delta W = [D^T D^T ... D^T], i.e. y = W0 x + D^T (sum_j x_[j]) with x zero-padded to a
@@ -27,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, load_strict, merge_linears, swap_linears
+from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-5
@@ -76,10 +80,12 @@ class Linear(nn.Linear):
         else:
             raise UserError(f"--bone_variant must be guided or shared, got {self.variant!r}")
 
-    def guided_weight(self, dtype):
-        Wb = blocks(self.weight.to(dtype), self.b)  # (n_out, n_in, b, b)
-        R = self.bone_R.to(dtype)[:, None]  # (n_out, 1, b, b): shared across the row's column blocks
-        return unblocks(Wb + Wb @ R + R)  # W'_ij = W_ij + W_ij R_i + R_i
+    def guided_update(self, dtype=None):
+        """Delta W = W' - W, blocks W_ij R_i + R_i, in `dtype` (None: the compute dtype, under autocast bf16)."""
+        W, R = (self.weight, self.bone_R) if dtype is None else (self.weight.to(dtype), self.bone_R.to(dtype))
+        Wb = blocks(W, self.b)  # (n_out, n_in, b, b)
+        R = R[:, None]  # (n_out, 1, b, b): shared across the row's column blocks
+        return unblocks(Wb @ R + R)  # (d_out, d_in): W'_ij - W_ij = W_ij R_i + R_i
 
     def fold_input(self, x):
         """sum_j x_[j]: the b-chunks of x (zero-padded to a multiple of b) added together."""
@@ -88,12 +94,14 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.variant == "guided":
-            return F.linear(x, self.guided_weight(self.weight.dtype), self.bias)
-        return F.linear(x, self.weight, self.bias) + F.linear(self.fold_input(x), self.bone_D.t())
+            delta = F.linear(x, self.guided_update())  # Delta W x: its own GEMM, not rounded into W
+        else:
+            delta = F.linear(self.fold_input(x), self.bone_D.t())  # D^T sum_j x_[j]
+        return adapted_linear(x, self.weight, self.bias, delta)  # W x + delta, added inside the base GEMM
 
     def merged_weight(self):
         if self.variant == "guided":
-            return self.guided_weight(torch.float32)
+            return self.weight.float() + self.guided_update(torch.float32)
         n = -(-self.in_features // self.b)
         return self.weight.float() + self.bone_D.t().float().repeat(1, n)[:, :self.in_features]
 

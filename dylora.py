@@ -8,7 +8,9 @@ DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Fr
 - Every optimizer step samples one b ~ Uniform{1..r}, the same for all layers (on_step). It is a function of
   (seed, step), so a resumed run, or every process of a data-parallel run, draws the same b.
 - "frozen" mode (the official default): components 1..b-1 are detached, so only row b of A and column b of B
-  get gradient at that step; `dylora_frozen=false` trains every component <= b.
+  get gradient at that step; `dylora_frozen=false` gives every component <= b its gradient. Under AdamW (ours and
+  the official code's) "only the b-th trains" holds for the gradient, not the update: components that got a
+  gradient at earlier steps keep moving on their momentum (m / sqrt(v) stays non-zero for a while).
 - Evaluation, merge and export use `eval_rank` (default r), stored with the adapter's config; the official code
   did not save it and silently evaluated at rank 1 after loading.
 - The official code writes the scale as sqrt(r / b) on each factor, times alpha / r: the same alpha / b.
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, load_strict, merge_linears, swap_linears
+from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-4  # as LoRA's
@@ -67,7 +69,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         b = self.train_rank if self.training else self.eval_rank
         A, B, s = self.factors(b, detach_below=self.training and self.frozen)
-        return F.linear(x, self.weight, self.bias) + s * F.linear(F.linear(x, A), B)
+        return adapted_linear(x, self.weight, self.bias, s * F.linear(F.linear(x, A), B))  # added inside the GEMM
 
     def merged_weight(self):
         A, B, s = self.factors(self.eval_rank)

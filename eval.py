@@ -8,13 +8,15 @@ lm-eval-harness's extractors.
 Protocol (../shared/methods.md): the training prompt template plus the papers' " Let's think step by step.",
 greedy decoding, stop at EOS or at "Instruction"/"Response" (the papers' stop strings), 256 new tokens.
 Scores:
-- accuracy (primary): the first number after the LAST "The answer is"; if there is none, the number after
-  "####", else the last number in the completion. Numbers are parsed robustly (1,450,000; $; Unicode minus;
-  a trailing '.'; 18.00 == 18) and compared numerically. No number at all is wrong (never read as 0) and
+- accuracy (primary): the first number after the LAST "The answer is" (any case); if there is none, the number
+  after "####", else the last number in the completion. Numbers are parsed robustly (1,450,000; $; Unicode
+  minus; a trailing '.'; .5; 18.00 == 18; "1,2,3" is a list) and compared numerically (extract() says where this
+  departs from MetaMath's and lm-eval-harness's extraction). No number at all is wrong (never read as 0) and
   counts as invalid.
 - strict / flexible: lm-eval-harness gsm8k's filters (first "#### N"; last number-like string) and its string
   comparison after removing ',', '$' and a trailing '.'.
-An adapter from train.py is applied through its method's interface and merged before generation.
+An adapter from train.py is applied through its method's interface and scored as trained: unmerged, under the
+training's precision policy (`--merged_dtype bfloat16` scores it merged and rounded to bf16 instead).
 """
 import argparse
 import json
@@ -22,6 +24,7 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -33,7 +36,10 @@ from model import Llama, Tokenizer, UserError, generate
 
 SUFFIX = " Let's think step by step."  # appended to the prompt at evaluation by MetaMath, LoRA-XS, LoRA-SB, Fed-SB
 STOP = ("Instruction", "Response")  # their vLLM stop strings (which also cover "Instruction:" / "Response:")
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# a number: thousands groups only of exactly three digits ("1,450,000"; "1,2,3" is a list: its first number is 1),
+# an optional decimal part, a leading decimal point (".5"), an optional sign and "$"
+NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|-?\$?\.\d+")
+TRIGGER = re.compile(r"the answer is", re.IGNORECASE)
 
 
 def parse_number(s):
@@ -45,10 +51,15 @@ def parse_number(s):
 
 
 def extract(text):
-    """The predicted number of a completion, or None."""
+    """The predicted number of a completion, or None. Where this departs from the references (MetaMath's
+    eval_gsm8k.py, lm-eval-harness gsm8k): the trigger is case-insensitive and its colon optional (MetaMath needs
+    "The answer is: " exactly and counts "the answer is: 7" as no answer); "1,450,000" is 1450000 (MetaMath's regex
+    reads 1450; lm-eval agrees with us); "1,2,3" is the list 1, 2, 3, so 1 (MetaMath reads 12, lm-eval 123); ".5" is
+    0.5 (MetaMath rounds it to 0, lm-eval compares the string ".5")."""
     text = text.replace("\u2212", "-")  # Unicode minus
-    if "The answer is" in text:
-        m = NUMBER.search(text.rsplit("The answer is", 1)[1])
+    hits = list(TRIGGER.finditer(text))
+    if hits:
+        m = NUMBER.search(text[hits[-1].end():])
         if m:
             return parse_number(m.group())
     m = re.search(r"####\s*(" + NUMBER.pattern + ")", text)
@@ -90,7 +101,11 @@ def run_eval(model, tok, rows, template, suffix, batch_size, max_new_tokens, des
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: little padding
     new = [None] * len(ids)
     t0 = time.time()
-    with tqdm(total=len(ids), desc=desc, dynamic_ncols=True) as bar:
+    dev = model.lm_head.weight.device
+    # the training's precision policy on CUDA (bf16 autocast over a bf16 base and fp32 adapters), so the model scored
+    # is the model trained; no cast cache: a decode step captured as a CUDA graph re-casts inside the graph
+    policy = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if dev.type == "cuda" else nullcontext()
+    with tqdm(total=len(ids), desc=desc, dynamic_ncols=True) as bar, policy:
         for j in range(0, len(order), batch_size):
             chunk = order[j:j + batch_size]
             outs = generate(model, [ids[i] for i in chunk], max_new_tokens, eos_id=tok.stop_ids, stop=STOP,
@@ -135,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--suffix", default=SUFFIX, help="appended to the prompt ('' for the training prompt as is)")
     ap.add_argument("--ranks", default="", help="DyLoRA: score one adapter at each of these ranks, e.g. 1,2,4,8,16")
     ap.add_argument("--out", default="", help="per-example JSONL; the summary goes to <out>.summary.json")
+    ap.add_argument("--merged_dtype", default="", help="score the adapter merged into the base and cast to this dtype "
+                    "(e.g. bfloat16: what a bf16 merged export scores) instead of as trained")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -163,12 +180,13 @@ def main(argv=None):
                 cfg.eval_rank = rank
             method.apply(model, cfg, init=False)
             method.load_adapter_state_dict(model, sd)
-            method.merge(model)
-            model.to(dtype)  # full fine-tuning keeps fp32 masters; evaluate every method in the same dtype
+            if args.merged_dtype:  # for comparison: the merged model rounded to one dtype
+                method.merge(model)
+                model.to(getattr(torch, args.merged_dtype))
         records, summary = run_eval(model, tok, rows, template, args.suffix, args.batch_size, args.max_new_tokens,
                                     desc=f"gsm8k r={rank}" if rank else "gsm8k")
         summary.update(model=args.model, adapter=args.adapter, method=adapter[3]["method"] if adapter else "base",
-                       rank=rank, data=args.data, template=template, suffix=args.suffix, stop=list(STOP),
+                       rank=rank, merged_dtype=args.merged_dtype or None, data=args.data, template=template, suffix=args.suffix, stop=list(STOP),
                        decoding=dict(greedy=True, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
                        protocol="first number after the last 'The answer is', else '#### N', else the last number; "
                                 "numeric comparison; strict/flexible as lm-eval-harness gsm8k")

@@ -6,7 +6,9 @@ LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv 2106.
 - W0 (d_out, d_in) is frozen. A (r, d_in) starts Kaiming-uniform (a = sqrt 5, as nn.Linear and PEFT do),
   B (d_out, r) starts at zero, so the adapted model equals the base model at step 0; both train.
 - Trainable parameters per layer: r (d_in + d_out). Defaults r = 16, alpha = 32, all seven projections.
-- Merge: W = W0 + s B A (fp32, cast once to the base dtype).
+- Merge: W = W0 + s B A (fp32).
+- Precision: on a bf16 base the adapter's output s B A x is added inside the base GEMM (model.adapted_linear),
+  before its one bf16 rounding, so a small update is not rounded away by the output either.
 - Optional dropout on the adapter's input x (not on the base path), as in the paper's code and PEFT.
 """
 import math
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, load_strict, merge_linears, swap_linears
+from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-4  # a common LoRA learning rate for 7B-scale math fine-tuning
@@ -45,11 +47,14 @@ class Linear(nn.Linear):
         self.lora_A = nn.Parameter(A.to(dev))  # (r, d_in), fp32
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))  # (d_out, r), fp32
 
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+    def delta(self, x):
+        """The adapter's output s B A x (dropout on its input while training)."""
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout)
-        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)  # two skinny matmuls
+        return self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)  # two skinny matmuls: x -> r -> d_out
+
+    def forward(self, x):
+        return adapted_linear(x, self.weight, self.bias, self.delta(x))  # delta added inside the base GEMM
 
     def merged_weight(self):
         return self.weight.float() + self.scale * self.lora_B.float() @ self.lora_A.float()  # (d_out, d_in)

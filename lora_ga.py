@@ -1,24 +1,33 @@
 """
 LoRA-GA: Low-Rank Adaptation with Gradient Approximation (Wang et al., NeurIPS 2024, arXiv 2407.05000).
 
-Plain LoRA, y = W0' x + s B A x with s = alpha / sqrt(r) (rsLoRA), initialised so that its first step equals a
-full fine-tuning step projected to rank 2r (Algorithm 1):
+Plain LoRA, y = W0 x + s (B A - B0 A0) x with s = alpha / sqrt(r) (rsLoRA), initialised so that its first step
+equals a full fine-tuning step projected to rank 2r (Algorithm 1):
 
-    G = mean gradient of the loss w.r.t. W over `init_samples` examples (fp32; train.py computes it)
+    G = gradient of the loss w.r.t. W over `init_samples` examples (fp32; train.py computes it)
     G = U S V^T                                   # fp32 SVD
     A0 = c V[:, :r]^T   (r, d_in)                 # top-r right singular vectors ("ArB2r")
     B0 = c U[:, r:2r]   (d_out, r)                # the next r left singular vectors
     c  = d_out^(1/4) / sqrt(gamma)                # stable scaling, gamma = 16 (a figure's "/gamma" is a typo)
-    W0' = W0 - s B0 A0                            # fp32, cast once: the model starts exactly at W0
+    A, B start at A0, B0 and train; the model starts exactly at W0 (B A - B0 A0 = 0)
 
 Why: one SGD step of size eta from (A0, B0) changes s B A by -eta s^2 (G A0^T A0 + B0 B0^T G)
 = -eta s^2 c^2 (U_r S_r V_r^T + U_{r:2r} S_{r:2r} V_{r:2r}^T) = -eta s^2 c^2 G_2r, the best rank-2r
-approximation of the full fine-tuning step; a random init only captures a random projection of it.
+approximation of the full fine-tuning step; a random init only captures a random projection of it. Every
+direction option takes 2r distinct singular vectors, so each has this property.
 
-Both A and B train. A0 and B0 are kept (frozen) in the adapter, so W0 stays recoverable and the result exports
-as a standard rank-2r LoRA on the untouched base: A' = [A; A0], B' = [B, -B0], the same scale (the official
-exporter doubles alpha, which is wrong under rsLoRA). We follow the paper, not PEFT's LoraGAConfig, which puts
-the singular values into B and scales only B, and so does not reproduce the first-step property.
+Where we differ from the paper's and the official code's bookkeeping, not their math: they subtract s B0 A0 from
+the base weight (W0' = W0 - s B0 A0) so the model starts at W0. On a bf16 base that offset is rounded: the
+starting point moves by ~3e-3 relative (the official code does the same). We leave W0 untouched and add
+s (B A - B0 A0) x, computed as s [(B - B0) A x + B0 (A - A0) x]: the differences are formed in fp32 before
+autocast casts them, so the output is exactly zero at init and an update much smaller than A and B themselves
+is not rounded away by their cast to bf16 (it costs two more skinny matmuls per layer). A0, B0 are kept (frozen) in
+the adapter, and the result exports as a standard rank-2r LoRA on the untouched base: A' = [A; A0],
+B' = [B, -B0], the same scale (the official exporter doubles alpha, which is wrong under rsLoRA).
+We follow the paper, not PEFT's LoraGAConfig, which puts the singular values into B and scales only B, and so does
+not reproduce the first-step property. The init gradient is train.py's: the mean over every target token of the
+init examples, accumulated in fp32 (the official code sums per-batch mean losses' gradients in bf16).
+`rslora=false` gives the official example script's s = alpha / r.
 Trainable parameters per layer: r (d_in + d_out). Learning rates are full-fine-tuning-like (paper: 2e-5).
 """
 import math
@@ -29,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_xs import truncated_svd
-from model import UserError, load_strict, merge_linears, swap_linears
+from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-5  # the paper's
@@ -40,6 +49,7 @@ class Config:
     rank: int = 8
     alpha: float = 16.0
     gamma: float = 16.0  # stable scaling: A0, B0 are multiplied by d_out^(1/4) / sqrt(gamma)
+    rslora: bool = True  # s = alpha / sqrt(r) (the paper's Algorithm 1); false: alpha / r (the official example)
     direction: str = "ArB2r"  # which singular vectors: ArB2r (paper) | A2rBr | ArBr | random (official options)
     init_samples: int = 64  # training examples whose mean gradient defines the init (official example: 128)
     init_offload: bool = False  # accumulate init gradients on the CPU (large models)
@@ -53,8 +63,10 @@ DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 
 
 def direction(cfg: Config, gen):
-    """Which of the top-2r singular vectors A (rows: right vectors) and B (columns: left vectors) take.
-    ArB2r, the paper's, gives the first-step property below; A2rBr does too; ArBr only reaches rank r."""
+    """Which of the top-2r singular vectors A (rows: right vectors) and B (columns: left vectors) take; every
+    option gives A and B disjoint halves of the top 2r, so the first step reaches rank 2r.
+    ArB2r (paper): A the first r, B the next r. A2rBr: the reverse. ArBr (the official code's): interleaved, B the
+    even-numbered vectors (U[:, 0:2r:2]) and A the odd-numbered ones (V^T[1:2r:2]). random: a random split."""
     r = cfg.rank
     first, second = torch.arange(r), torch.arange(r, 2 * r)
     if cfg.direction == "ArB2r":
@@ -62,7 +74,7 @@ def direction(cfg: Config, gen):
     if cfg.direction == "A2rBr":
         return second, first
     if cfg.direction == "ArBr":
-        return first, first
+        return torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
     p = torch.randperm(2 * r, generator=gen)  # random: a random split of the top 2r between A and B
     return p[:r].sort().values, p[r:].sort().values
 
@@ -71,25 +83,25 @@ class Linear(nn.Linear):
     def __init__(self, base: nn.Linear, A0, B0, scale):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # holds W0' = W0 - s B0 A0 once offset
+        self.weight, self.bias = base.weight, base.bias  # W0 itself: never offset
         self.scale = scale
         self.lora_A = nn.Parameter(A0.clone())  # (r, d_in), fp32, trained
         self.lora_B = nn.Parameter(B0.clone())  # (d_out, r), fp32, trained
-        self.register_buffer("lora_A0", A0)  # frozen copies of the init: W0 = W0' + s B0 A0
+        self.register_buffer("lora_A0", A0)  # frozen copies of the init
         self.register_buffer("lora_B0", B0)
 
-    def offset_base(self):
-        """W0' = W0 - s B0 A0, in fp32 and cast once (called when A0, B0 become known)."""
-        with torch.no_grad():
-            acc = torch.promote_types(self.weight.dtype, torch.float32)
-            W = self.weight.to(acc) - self.scale * self.lora_B0.to(acc) @ self.lora_A0.to(acc)
-            self.weight.copy_(W.to(self.weight.dtype))
+    def delta(self, x):
+        """s (B A - B0 A0) x = s [(B - B0) A x + B0 (A - A0) x]: zero at init, and the small differences are formed
+        in fp32 before the compute dtype sees them."""
+        dA, dB = self.lora_A - self.lora_A0, self.lora_B - self.lora_B0  # (r, d_in), (d_out, r)
+        return self.scale * (F.linear(F.linear(x, self.lora_A), dB) + F.linear(F.linear(x, dA), self.lora_B0))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return adapted_linear(x, self.weight, self.bias, self.delta(x))  # delta added inside the base GEMM
 
     def merged_weight(self):
-        return self.weight.float() + self.scale * self.lora_B.float() @ self.lora_A.float()
+        A, B, A0, B0 = (t.float() for t in (self.lora_A, self.lora_B, self.lora_A0, self.lora_B0))
+        return self.weight.float() + self.scale * (B @ A - B0 @ A0)  # (d_out, d_in)
 
     def lora_pair(self):
         """Rank-2r PEFT LoRA on the untouched W0 with scale 1: [A; A0] and s [B, -B0]."""
@@ -99,10 +111,11 @@ class Linear(nn.Linear):
 
 
 def apply(model, cfg: Config, grads=None, init=True):
-    """Freeze the model; wrap every targeted nn.Linear as LoRA initialised from the SVD of its gradient, and
-    offset its base weight. `grads` (module name -> fp32 gradient) is consumed as layers are built.
-    init=False builds zero layers (no offset) for load_adapter_state_dict, which applies the offset."""
-    r, scale = cfg.rank, cfg.alpha / math.sqrt(cfg.rank)
+    """Freeze the model; wrap every targeted nn.Linear as LoRA initialised from the SVD of its gradient.
+    `grads` (module name -> fp32 gradient) is consumed as layers are built. init=False builds zero layers for
+    load_adapter_state_dict."""
+    r = cfg.rank
+    scale = cfg.alpha / (math.sqrt(r) if cfg.rslora else r)
     if init and grads is None:
         raise UserError("LoRA-GA initialises from gradients: run it through train.py (init_samples > 0)")
     if cfg.direction not in DIRECTIONS:
@@ -112,20 +125,19 @@ def apply(model, cfg: Config, grads=None, init=True):
 
     def build(name, lin):
         dev, d_out, d_in = lin.weight.device, lin.out_features, lin.in_features
+        dtype = torch.promote_types(lin.weight.dtype, torch.float32)  # fp32 (fp64 for an fp64 model)
         if not 1 <= 2 * r <= min(d_out, d_in):
             raise UserError(f"LoRA-GA needs 2 * rank <= {min(d_out, d_in)} for {name}, got rank {r}")
         if not init:
-            return Linear(lin, torch.zeros(r, d_in, device=dev), torch.zeros(d_out, r, device=dev), scale)
-        dtype = torch.promote_types(lin.weight.dtype, torch.float32)  # fp32 (fp64 for an fp64 model)
+            return Linear(lin, torch.zeros(r, d_in, device=dev, dtype=dtype),
+                          torch.zeros(d_out, r, device=dev, dtype=dtype), scale)
         if name not in grads:
             raise UserError(f"LoRA-GA: no init gradient for {name}")
         G = grads.pop(name).to(dev, dtype)  # (d_out, d_in)
         U, _, Vh = truncated_svd(G, 2 * r, cfg.svd, cfg.svd_niter, gen)  # top 2r of G
         a, b = direction(cfg, gen)  # indices of the singular vectors for A's rows and B's columns
         c = d_out ** 0.25 / math.sqrt(cfg.gamma)  # stable scaling (Algorithm 1)
-        layer = Linear(lin, (c * Vh[a]).contiguous(), (c * U[:, b]).contiguous(), scale)
-        layer.offset_base()
-        return layer
+        return Linear(lin, (c * Vh[a]).contiguous(), (c * U[:, b]).contiguous(), scale)
     return swap_linears(model, cfg.targets, build)
 
 
@@ -137,11 +149,7 @@ def adapter_state_dict(model):
 
 
 def load_adapter_state_dict(model, sd):
-    """Load A, B, A0, B0 into layers built with init=False, then offset each base weight by s B0 A0."""
     load_strict(adapter_state_dict(model), sd)
-    for m in model.modules():  # the base is offset as soon as A0, B0 are known
-        if isinstance(m, Linear):
-            m.offset_base()
 
 
 def merge(model):

@@ -6,8 +6,9 @@ LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters (Balazy e
 
 - B and A are frozen: they span the top-r singular subspaces of W0, with the singular values on A (as in the
   official code). Only R trains: r^2 parameters per layer, independent of the model's width.
-- R ~ N(0, 1e-5^2): small but not zero, so R's gradient B^T G A^T reaches B and A's subspaces from step 0
-  (with R = 0 the update would still start, but a zero R is a saddle for the product in later methods).
+- R ~ N(0, 1e-5^2): small but not zero, as in the official code. This is fidelity only: R's gradient
+  dL/dR = s B^T G A^T does not depend on R (B, A are frozen), so R = 0 would train the same way; there is no
+  saddle to escape, unlike LoRA's product B A.
 - s = alpha / r with alpha = r by default (s = 1). No data and no gradients are needed to initialise.
 - Merge: W = W0 + s B R A (fp32). PEFT export: a plain rank-r LoRA with B' = s B R and A' = A.
 - The SVD runs in fp32 on the layer's device: exact (torch.linalg.svd) by default, or randomized with power
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, load_strict, merge_linears, swap_linears
+from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 4e-3  # the official math setting (r = 64); R is tiny, so it takes a large learning rate
@@ -67,9 +68,12 @@ class Linear(nn.Linear):
         self.lora_R = nn.Parameter(R)  # (r, r), the only trainable tensor
         self.scale = scale
 
+    def delta(self, x):
+        """The adapter's output s B R A x."""
+        return self.scale * F.linear(F.linear(F.linear(x, self.lora_A), self.lora_R), self.lora_B)  # x -> r -> r -> d_out
+
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
-            F.linear(F.linear(x, self.lora_A), self.lora_R), self.lora_B)  # x -> r -> r -> d_out
+        return adapted_linear(x, self.weight, self.bias, self.delta(x))  # delta added inside the base GEMM
 
     def merged_weight(self):
         return self.weight.float() + self.scale * self.lora_B.float() @ self.lora_R.float() @ self.lora_A.float()

@@ -426,6 +426,17 @@ class Llama(nn.Module):
 # -----------------------------------------------------------------------------
 # adapter plumbing shared by the method files (lora.py, lora_sb.py, ...): the math lives there
 
+def adapted_linear(x, weight, bias, delta):
+    """x W^T + bias + delta, where delta is an adapter's output: delta enters the GEMM (addmm) and is added to its
+    fp32 accumulator before the one rounding to the output dtype. Added afterwards to a bf16 output y0, which is
+    already a bf16 number, y0 + delta would round back to y0 wherever |delta| < half an ulp of y0: a systematic loss
+    of small updates, not noise. Inside the GEMM the rounding is of a value that varies from token to token, so it
+    is unbiased and averages out (tests/test_precision.py measures both)."""
+    y = torch.addmm(delta.flatten(0, -2), x.flatten(0, -2), weight.t())  # (N, d_out)
+    y = y.view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
 def swap_linears(model, targets, build):
     """Replace every nn.Linear whose attribute name is in `targets` by build(full_name, linear)."""
     for prefix, mod in list(model.named_modules()):
@@ -448,13 +459,15 @@ def load_strict(own, sd):
 
 
 def merge_linears(model, cls):
-    """Replace every `cls` layer by a plain nn.Linear holding its merged_weight(), computed in fp32 and cast once
-    to the base weight's dtype."""
+    """Replace every `cls` layer by a plain nn.Linear holding its merged_weight() in fp32 (fp64 on an fp64 model).
+    It is not cast back to a bf16 base's dtype: that would round most of a small update away (see save_hf in
+    train.py, which measures it before choosing an export dtype)."""
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, cls):
                 merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                merged.weight = nn.Parameter(child.merged_weight().to(child.weight.dtype), requires_grad=False)
+                W = child.merged_weight()
+                merged.weight = nn.Parameter(W.to(torch.promote_types(W.dtype, child.weight.dtype)), requires_grad=False)
                 merged.bias = child.bias
                 setattr(mod, name, merged)
     return model
@@ -565,7 +578,9 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
         valid[b, :P - len(p)] = False
     idx, valid = idx.to(device), valid.to(device)
     pos = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)  # (B, P)
-    cache = KVCache(model.cfg, valid, model.model.embed_tokens.weight.dtype)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+        model.model.embed_tokens.weight.dtype  # what k and v come out as
+    cache = KVCache(model.cfg, valid, dtype)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     out, done, rows = [[] for _ in range(B)], [False] * B, list(range(B))  # rows: live row -> prompt index
     has_stop = lambda b: any(s in tokenizer.decode(out[b][-stop_every - 16:]) for s in stop)

@@ -8,7 +8,8 @@ examples, batch 16, seed 0, max_len 512, cosine schedule, 3% warm-up), evaluated
 examples and at the end on GSM8K test with eval.py's protocol (all problems on CUDA). DyLoRA is scored at ranks
 1, 2, 4, 8, 16 from its one run. Runs already finished in --out_dir are read, not redone, so the command can be
 split across sessions and re-run to finish. Writes <out_dir>/results.md (the table), results.json and
-<out_dir>/loss.png (held-out loss against step; needs matplotlib).
+<out_dir>/loss.png (held-out loss against step; needs matplotlib). `--merged_check 1` (CUDA) adds, per run, the
+held-out loss and GSM8K accuracy of the model as trained against the same adapter merged into a bf16 base.
 """
 import json
 import os
@@ -56,6 +57,38 @@ def run(name, args):
     return res
 
 
+def merged_check(name, args):
+    """The model as trained (adapters unmerged, bf16 autocast over the bf16 base: what train.py now scores) against
+    the same adapter merged into the base and rounded to bf16 (what train.py scored before, and what a bf16 merged
+    export gives): held-out loss on train.py's held-out split, and GSM8K accuracy. Written to <run>/merged.json."""
+    import torch
+    import train
+    from model import Llama, Tokenizer
+    out = os.path.join(args["out_dir"], name)
+    path = os.path.join(out, "merged.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    cfg = json.load(open(os.path.join(out, "config.json")))["train"]
+    tok = Tokenizer.from_pretrained(args["model"])
+    examples = train.load_examples(args["data"])
+    _, val_idx = train.heldout_split(len(examples), cfg["val_size"], args["data"])
+    val, _ = train.tokenize([examples[i] for i in val_idx], tok, cfg["template"], cfg["max_len"])
+    batches = [train.pack(val[j:j + 16], cfg["max_len"], tok.pad_id) for j in range(0, len(val), 16)]
+    method, mcfg, sd, _ = train.load_adapter(out)
+    model = Llama.from_pretrained(args["model"], device="cuda", dtype=torch.bfloat16)
+    method.apply(model, mcfg, init=False)
+    method.load_adapter_state_dict(model, sd)
+    trained = train.evaluate(model, batches)
+    method.merge(model)
+    merged = train.evaluate(model.to(torch.bfloat16), batches)
+    acc, = ev.main(["--model", args["model"], "--adapter", out, "--data", args["test_data"], "--merged_dtype",
+                    "bfloat16", "--out", os.path.join(out, "gsm8k_merged_bf16.jsonl")])
+    res = dict(val_loss_trained=trained, val_loss_merged_bf16=merged, acc_merged_bf16=acc["accuracy"],
+               invalid_merged_bf16=acc["invalid_rate"])
+    json.dump(res, open(path, "w"))
+    return res
+
+
 def table(rows):
     lines = ["| run | lr | rank | trainable | init s | train s | tok/s | peak GiB | held-out loss | GSM8K | invalid |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -88,7 +121,8 @@ def plot(rows, out_dir, path):
 
 
 def main(argv=None):
-    args = dict(model="", data="", test_data="", out_dir="out/results", methods=",".join(RUNS), figure="")
+    args = dict(model="", data="", test_data="", out_dir="out/results", methods=",".join(RUNS), figure="",
+                merged_check="")
     argv, extra = list(sys.argv[1:] if argv is None else argv), []
     while argv:
         a = argv.pop(0)
@@ -107,6 +141,13 @@ def main(argv=None):
             raise UserError(f"unknown run {n!r}: choose from {', '.join(RUNS)}")
     rows = [run(n, args) for n in names]
     text = table(rows)
+    if args["merged_check"]:  # scored as trained vs merged into a bf16 base (the README's precision table)
+        lines = ["| run | held-out loss as trained | merged, bf16 | GSM8K as trained | merged, bf16 |", "|---|---|---|---|---|"]
+        for r in rows:
+            m = merged_check(r["name"], args)
+            lines.append(f"| {r['name']} | {m['val_loss_trained']:.4f} | {m['val_loss_merged_bf16']:.4f} | "
+                         f"{100 * r['acc']:.2f}% | {100 * m['acc_merged_bf16']:.2f}% |")
+        text += "\n\n" + "\n".join(lines)
     print(text)
     with open(os.path.join(args["out_dir"], "results.md"), "w") as f:
         f.write(text + "\n")

@@ -14,6 +14,7 @@ its share of each step's batch_size examples; the math is one process's, up to t
 """
 import dataclasses
 import gc
+import glob
 import json
 import math
 import os
@@ -81,6 +82,8 @@ class TrainConfig:
     run_name: str = ""  # default: the method name
     resume: bool = False  # continue out/<run_name> from its last checkpoint
     export: str = ""  # after training: "peft" (a standard PEFT LoRA adapter) or "merged" (an HF model folder)
+    export_dtype: str = "auto"  # of --export merged: auto (the checkpoint's, unless rounding to it loses > 1% of the
+    # update: then float32) | float32 | bfloat16 | float16
 
 
 # -----------------------------------------------------------------------------
@@ -507,20 +510,51 @@ def load_adapter(run_dir):
     return method, from_dict(method.Config, meta["config"]), load_file(os.path.join(run_dir, "adapter.safetensors")), meta
 
 
-def save_hf(model, src, out):
-    """A Hugging Face model folder: merged weights in the source checkpoint's dtype, its config and tokenizer."""
+EXPORT_LOSS = 0.01  # auto: the checkpoint's dtype only if its rounding changes the weights by < 1% of the update
+
+
+def save_hf(model, src, out, dtype="auto"):
+    """A Hugging Face model folder from a merged model (fp32 weights): its weights, the source's config and tokenizer.
+    The weights are written in `dtype`; "auto" takes the source checkpoint's dtype unless rounding to it would
+    change the weights by more than EXPORT_LOSS of the update's norm, ||round(W) - W|| / ||W - W0|| with W0 the
+    source checkpoint's weights (a bf16 checkpoint after a short or low-lr run: most changed weights round back to
+    W0), and then float32. Returns (the dtype written, what it loses of the update)."""
     import shutil
+    from safetensors import safe_open
     from safetensors.torch import save_file
     src_cfg = json.load(open(os.path.join(src, "config.json")))
-    dtype = getattr(torch, src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "bfloat16")
-    os.makedirs(out, exist_ok=True)
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    src_dtype = getattr(torch, src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "bfloat16")
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight")
+    W0 = {}
+    for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        with safe_open(f, framework="pt") as fh:
+            W0.update({k: fh.get_tensor(k) for k in fh.keys() if k in sd})
+
+    def lost(dt):  # ||round(W) - W|| / ||W - W0|| over every tensor
+        err = sum(float((v.to(dt).double() - v.double()).pow(2).sum()) for v in sd.values())
+        upd = sum(float((v.double() - W0[k].double()).pow(2).sum()) for k, v in sd.items() if k in W0)
+        return math.sqrt(err / upd) if upd > 0 else 0.0
+    if dtype == "auto":
+        dt = src_dtype if lost(src_dtype) <= EXPORT_LOSS else torch.float32
+        if dt != src_dtype:
+            print(f"merged export in float32: rounding to the checkpoint's {str(src_dtype)[6:]} would change the "
+                  f"weights by {lost(src_dtype):.1%} of the update (--export_dtype {str(src_dtype)[6:]} writes it anyway)")
+    else:
+        dt = getattr(torch, dtype)
+    loss = lost(dt)
+    print(f"merged export in {str(dt)[6:]}: its rounding changes the weights by {loss:.2%} of the update")
+    os.makedirs(out, exist_ok=True)
+    sd = {k: v.to(dt) for k, v in sd.items()}
     atomic_save(sd, os.path.join(out, "model.safetensors"), lambda o, p: save_file(o, p, metadata={"format": "pt"}))
     for f in os.listdir(src):
         if f.endswith((".json", ".model", ".jinja")) and not f.startswith("model.safetensors"):
             shutil.copy(os.path.join(src, f), out)
+    cfg_out = dict(src_cfg, dtype=str(dt)[6:])  # transformers loads dtype="auto" from here
+    cfg_out.pop("torch_dtype", None)
+    save_json(cfg_out, os.path.join(out, "config.json"))
+    return str(dt)[6:], loss
 
 
 def save_peft(model, out, base_model):
@@ -564,6 +598,8 @@ def main(argv=None):
     tcfg.lr = tcfg.lr or method.DEFAULT_LR
     if tcfg.export not in ("", "peft", "merged"):
         raise UserError(f"--export must be peft or merged, got {tcfg.export!r}")
+    if tcfg.export_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--export_dtype must be auto, float32, bfloat16 or float16, got {tcfg.export_dtype!r}")
     device = torch.device("cuda" if tcfg.device == "auto" and torch.cuda.is_available() else
                           tcfg.device if tcfg.device != "auto" else "cpu")
     if tcfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
@@ -799,22 +835,22 @@ def main(argv=None):
             model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
             method.apply(model, mcfg, init=False)
             method.load_adapter_state_dict(model, load_adapter(run_dir)[2])
-    if tcfg.export == "peft":
-        save_peft(model, os.path.join(run_dir, "peft"), tcfg.model)
-        print(f"PEFT adapter written to {run_dir}/peft")
-    if tcfg.export == "merged" or test_path:
-        method.merge(model)
-    if tcfg.export == "merged":
-        save_hf(model, model_path, os.path.join(run_dir, "merged"))
-        print(f"merged model written to {run_dir}/merged")
     summary = None
-    if test_path:  # the score, with eval.py's protocol, on the merged model in the base dtype
+    if test_path:  # the score, with eval.py's protocol, of the model as trained: adapters unmerged, the training's
+        # precision policy (a merge into a bf16 base would round most of a small update away)
         import eval as ev
         rows = ev.load_gsm8k(test_path, tcfg.eval_limit)
-        records, summary = ev.run_eval(model.to(dtype).eval(), tok, rows, tcfg.template, ev.SUFFIX, 256, 256)
+        records, summary = ev.run_eval(model.eval(), tok, rows, tcfg.template, ev.SUFFIX, 256, 256)
         ev.save_results(records, dict(summary, data=test_path, method=tcfg.method), os.path.join(run_dir, "gsm8k.jsonl"))
         print(f"GSM8K accuracy {summary['accuracy']:.4f} on {summary['n']} problems of {test_path} "
               f"(invalid {summary['invalid_rate']:.4f}); details in {run_dir}/gsm8k.jsonl")
+    if tcfg.export == "peft":
+        save_peft(model, os.path.join(run_dir, "peft"), tcfg.model)
+        print(f"PEFT adapter written to {run_dir}/peft")
+    if tcfg.export == "merged":
+        method.merge(model)  # fp32 merged weights; save_hf picks the dtype that keeps the update
+        save_hf(model, model_path, os.path.join(run_dir, "merged"), tcfg.export_dtype)
+        print(f"merged model written to {run_dir}/merged")
     out = dict(run_dir=run_dir, steps=total - start, trainable_params=n_train, init_s=init_s, train_s=train_s,
                tok_s=all_tok / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
     save_json(out, os.path.join(run_dir, "summary.json"))

@@ -21,6 +21,14 @@ from model import UserError
     ("He pays 5 + 6 = 11.\n#### 11\nThe end 99", 11),  # no 'The answer is': '#### N'
     ("First 3 then 12 apples", 12),  # else the last number
     ("The answer is: unknown", None),  # no number anywhere: invalid, never 0
+    ("the answer is: 7", 7),  # the trigger in any case (MetaMath would count this as no answer)
+    ("So THE ANSWER IS 12 apples. Then 99", 12),
+    ("The answer is: 1,2,3", 1),  # a list, not 123 (lm-eval) or 12 (MetaMath)
+    ("The answer is: .5", 0.5),  # not 5, not 0 (MetaMath rounds)
+    ("The answer is: 12,34", 12),  # not a thousands group
+    ("The answer is: 1234,567", 1234),
+    ("The answer is: 10,000.50 dollars", 10000.5),
+    ("The total is 1,450,000", 1450000),  # the last-number fallback parses groups too
     ("I cannot say.", None),
 ])
 def test_extract(text, expected):

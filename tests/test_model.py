@@ -113,10 +113,11 @@ def test_batched_generation_equals_one_by_one():
     model = tiny_model()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 17, 1, 9, 12)]
-    one = [generate(model, [p], 24, eos_id=2)[0] for p in prompts]
-    assert generate(model, prompts, 24, eos_id=2) == one
-    assert generate(model, prompts[::-1], 24, eos_id=2) == one[::-1]
-    assert len({len(o) for o in one}) > 1 or all(len(o) == 24 for o in one)
+    eos = generate(model, prompts[:1], 24)[0][3]  # a token the first prompt's greedy continuation produces
+    one = [generate(model, [p], 24, eos_id=eos)[0] for p in prompts]
+    assert len(one[0]) <= 3 and max(len(o) for o in one) > len(one[0])  # rows of different lengths, one cut early
+    assert generate(model, prompts, 24, eos_id=eos) == one
+    assert generate(model, prompts[::-1], 24, eos_id=eos) == one[::-1]
 
 
 def test_generation_stops_at_eos_and_stop_strings(tiny_dir):
@@ -127,12 +128,12 @@ def test_generation_stops_at_eos_and_stop_strings(tiny_dir):
     eos = full[5]
     cut = generate(model, [prompt], 20, eos_id=eos)[0]
     assert cut == full[:full.index(eos)]
-    text = tok.decode(full)
-    stop = text[len(tok.decode(full[:8])):][:3]  # a string that first completes around the 9th token
-    if stop and stop not in tok.decode(full[:8]):
-        out = generate(model, [prompt], 20, stop=[stop], tokenizer=tok)[0]
-        assert stop not in tok.decode(out) and tok.decode(full).startswith(tok.decode(out))
-        assert len(out) < len(full)
+    # a stop string that first completes at token k >= 6: the text token k adds, absent from the text before it
+    k = next(k for k in range(6, len(full)) if tok.decode(full[:k + 1])[len(tok.decode(full[:k])):].strip()
+             and tok.decode(full[:k + 1])[len(tok.decode(full[:k])):] not in tok.decode(full[:k]))
+    stop = tok.decode(full[:k + 1])[len(tok.decode(full[:k])):]
+    out = generate(model, [prompt], 20, stop=[stop], tokenizer=tok)[0]
+    assert out == full[:k]  # cut right before the token that completes the stop string
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
@@ -179,11 +180,14 @@ def test_loss_masks_prompt_tokens():
     logits = model(x)
     ref = F.cross_entropy(logits.reshape(-1, 128), y.reshape(-1), ignore_index=-100)
     assert torch.allclose(model(x, y), ref, atol=1e-6)
+    assert abs(model(x, x.roll(-1, 1)) - model(x, y)) > 1e-3  # unmasked, the prompt positions would have counted
     y2 = y.clone()
+    y2[:, 7] = -100  # one more masked target: the mean is over the remaining ones
+    ref2 = F.cross_entropy(logits.reshape(-1, 128), y2.reshape(-1), ignore_index=-100)
+    assert torch.allclose(model(x, y2), ref2, atol=1e-6) and abs(ref2 - ref) > 1e-4
     x2 = x.clone()
-    x2[:, :2] = 0  # changing masked targets changes nothing; changing later inputs would
-    y2[:, :5] = -100
-    assert torch.allclose(model(x, y2), model(x, y))
+    x2[:, :2] = (x2[:, :2] + 1) % 128  # a prompt token's input is still context for every later target
+    assert abs(model(x2, y) - model(x, y)) > 1e-4
 
 
 @needs_shared

@@ -36,8 +36,9 @@ def adapt(name, model, **overrides):
                  if type(m) is torch.nn.Linear and n.split(".")[-1] in cfg.targets}
         if hasattr(cfg, "lr_1"):
             cfg.lr_1 = 1e-3
+    kept = {n: g.clone() for n, g in grads.items()} if grads else None
     method.apply(model, cfg, grads)
-    return method, cfg
+    return method, cfg, kept
 
 
 def perturb(model, seed=1):
@@ -67,10 +68,20 @@ def test_method_contract(name, tmp_path):
     model = tiny()
     with torch.no_grad():
         before_apply = model(torch.arange(40).view(2, 20))
-    method, cfg = adapt(name, model)
+    W0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    method, cfg, grads = adapt(name, model)
     with torch.no_grad():  # every method starts at the base model, but LoRA-SB (one approximate step taken)
         after_apply = model(torch.arange(40).view(2, 20))  # and LoRA-XS (R is small, not zero)
-    assert (after_apply - before_apply).abs().max() < {"xs": 1e-3}.get(name, 1e-4) or name == "sb"
+    if name != "sb":
+        assert (after_apply - before_apply).abs().max() < {"xs": 1e-3}.get(name, 1e-4)
+    else:  # LoRA-SB starts one step away: each layer at W0 + trunc_r(-lr_1 sign(G)), and the outputs moved
+        assert (after_apply - before_apply).abs().max() > 1e-3
+        for n, m in model.named_modules():
+            if isinstance(m, method.Linear):
+                U, S, Vh = torch.linalg.svd(-cfg.lr_1 * torch.sign(grads[n]).double(), full_matrices=False)
+                want = (U[:, :cfg.rank] * S[:cfg.rank]) @ Vh[:cfg.rank]
+                got = m.merged_weight().double() - W0[n].double()
+                assert (got - want).norm() < 0.05 * want.norm()  # randomized SVD: flat spectrum, the hard case
     perturb(model)
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, method.Linear)]
@@ -295,3 +306,45 @@ def test_cli_smoke(tmp_path, tiny_dir, gsm_file, method):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: model folder not found: {tmp_path}/none (pass a Hugging Face checkpoint folder or a hub id)"]
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory, tiny_dir):
+    """The tiny checkpoint saved in bf16, as SmolLM2's is: a short low-lr run's update is below its rounding."""
+    d = tmp_path_factory.mktemp("bf16")
+    hf_tiny(vocab=256).to(torch.bfloat16).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).write_bytes(open(os.path.join(tiny_dir, f), "rb").read())
+    return str(d)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "bone"])
+def test_merged_export_keeps_the_training(tmp_path, bf16_dir, gsm_file, method, monkeypatch, capsys):
+    """--export merged picks float32 when the checkpoint's bf16 would round the update away; the folder, loaded with
+    transformers, gives the trained model's logits. Forced to bf16 it does not. The final score runs on the model as
+    trained (its adapter layers still in place), not on a merge."""
+    from transformers import AutoModelForCausalLM
+    import eval as ev
+    scored = []
+    real = ev.run_eval
+    monkeypatch.setattr(ev, "run_eval", lambda model, *a, **k: scored.append(
+        [type(m).__module__ for m in model.modules() if hasattr(m, "merged_weight")]) or real(model, *a, **k))
+    extra = ["--block_size", "16"] if method == "bone" else ["--rank", "4"] if method == "lora" else []
+    run(tmp_path, bf16_dir, gsm_file, "--method", method, "--max_steps", "3", "--lr", "1e-4", "--export", "merged",
+        "--test_data", gsm_file, "--eval_limit", "2", *extra, name="m")
+    assert "merged export in float32: rounding to the checkpoint's bfloat16 would change" in capsys.readouterr().out
+    assert method == "full" or scored == [[train.METHODS[method].__name__] * 14]  # unmerged while scored
+    m, cfg, sd, meta = train.load_adapter(str(tmp_path / "m"))
+    ours = Llama.from_pretrained(bf16_dir, dtype=torch.float32)
+    m.apply(ours, cfg, init=False)
+    m.load_adapter_state_dict(ours, sd)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, base = ours.eval()(idx), AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)(idx).logits
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m" / "merged"), dtype="auto")
+        assert hf.dtype == torch.float32 and (hf(idx).logits - ref).abs().max() < 1e-4
+        run(tmp_path, bf16_dir, gsm_file, "--method", method, "--max_steps", "3", "--lr", "1e-4", "--export", "merged",
+            "--export_dtype", "bfloat16", "--resume", *extra, name="m")
+        hf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m" / "merged"), dtype=torch.float32)
+        # the bf16 export is further from the trained model than the update is large: the training is lost
+        assert (hf16(idx).logits - ref).abs().max() > 0.2 * (ref - base).abs().max()
