@@ -186,7 +186,8 @@ def main(argv=None):
         records, summary = run_eval(model, tok, rows, template, args.suffix, args.batch_size, args.max_new_tokens,
                                     desc=f"gsm8k r={rank}" if rank else "gsm8k")
         summary.update(model=args.model, adapter=args.adapter, method=adapter[3]["method"] if adapter else "base",
-                       rank=rank, merged_dtype=args.merged_dtype or None, data=args.data, template=template, suffix=args.suffix, stop=list(STOP),
+                       rank=rank, merged_dtype=args.merged_dtype or None, data=args.data, template=template,
+                       suffix=args.suffix, stop=list(STOP),
                        decoding=dict(greedy=True, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
                        protocol="first number after the last 'The answer is', else '#### N', else the last number; "
                                 "numeric comparison; strict/flexible as lm-eval-harness gsm8k")

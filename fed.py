@@ -12,27 +12,47 @@ examples of the clients that finished the round:
                                         are initialised once, centrally, and shared)
     fedit  A = sum_k w_k A_k, B = ...   inexact: mean(B) mean(A) != mean(B A)  (FedIT: plain LoRA)
     ffa    A frozen and shared, B = sum_k w_k B_k                               exact (FFA-LoRA)
-    fedex  A, B as fedit, and W += s (sum_k w_k B_k A_k - B A), with the training scale s and no transpose
+    fedex  A, B as fedit, and E += s (sum_k w_k B_k A_k - B A), with the training scale s and no transpose
                                         exact (FedEx-LoRA); the residual is full-rank and goes down to clients
 
-Communication per client and round, counted from the module shapes (trainable tensors in fp32, the FedEx residual
-in the base weight's dtype): sb r^2 per module each way; fedit r (d_in + d_out) each way; ffa r d_out each way;
-fedex r (d_in + d_out) up and that plus d_out d_in down. Fed-SB's B and A (r (d_in + d_out) per module) go down
-once before round 1 ("setup"); the other methods' initial adapters are reproducible from the seed.
+FedEx-LoRA's exactness under the precision policy (frozen base in bf16): the paper folds the residual into the
+base weight, but a bf16 weight cannot hold it (on weights of rms 0.15, 99% of a residual of rms 1e-5 and 24% of one
+of rms 1e-3 round away). So the base is never touched: each layer keeps the accumulated residual E in an fp32 buffer
+of its own (FedExLinear, 4 bytes per base weight) and equals W0 + s B A + E. The stored global state is exact in
+fp32 (merged_weight() to fp32's rounding of W), and the forward adds E x to the adapter's output, inside the base
+GEMM's fp32 accumulator like every adapter's (model.adapted_linear): the one bf16 rounding of each output is then
+unbiased and averages out, where a rounded weight's error is the same for every token (tests/test_fed.py measures
+the weight the forward acts with).
 
-Private mode (--dp_epsilon): DP-SGD per client at the record level, on the trainable tensors only: Poisson-sampled
-batches, per-example gradients (torch.func), one joint L2 clip to C, N(0, (sigma C)^2) added once per logical
-batch, divided by the expected batch size. sigma is found for the target epsilon by bisection over Opacus's RDP
-(or PRV) accountant of the subsampled Gaussian, with delta = 1 / (client examples) unless --dp_delta is given.
-Fed-SB helps here: noise on R enters W as B xi A (linear, norm-preserving for orthonormal B, A), while noisy
-LoRA factors multiply. LoRA-SB's initialisation gradients are NOT private unless --sb_init_data is public data.
+Communication per client and round, counted from the module shapes, all tensors in fp32 (the FedEx residual too:
+it is what is sent): sb r^2 per module each way; fedit P = r (d_in + d_out) each way; ffa r d_out each way; fedex
+P up and P plus d_out d_in down. Fed-SB's B and A (P) go down once before round 1 ("setup"); the other methods'
+initial adapters are reproducible from the seed. The Fed-SB paper counts differently, and both are reported, each
+labelled: ffa P/2 each way, fedex's download K P (K clients in the round: each client is sent every client's A_k,
+B_k and forms the mean of B_k A_k itself), and no setup. Mistral-7B, 25 clients, FedEx r=32 against Fed-SB r=200
+(tests/test_fed.py): the paper's 234x is its download ratio; ours is 399x up and down (788x down alone).
+
+Private mode (--dp_epsilon E, a target epsilon > 0; inf, the default, trains without privacy): DP-SGD per client
+at the record level, on the trainable tensors only: Poisson-sampled batches, per-example gradients (torch.func), one
+joint L2 clip to C, N(0, (sigma C)^2) added once per logical batch, divided by the expected batch size. sigma is
+found for the target epsilon over all rounds by bisection over Opacus's RDP (or PRV) accountant of the subsampled
+Gaussian, at delta = min(1e-5, n^-1.1) for a client of n examples (below the common bound 1/n) unless --dp_delta
+is given. The sampling and the noise come from a generator seeded with 64 bits of the OS's entropy, fresh per
+client and round: noise that anyone could regenerate from the run's --seed would protect nothing (--dp_seed makes
+it reproducible, for tests only, and says so). The accountant's history (sigma, q, steps of each round a client
+trained) is saved with the run; a resumed run keeps its sigma, reports the epsilon of its whole history, and
+refuses settings that would exceed the target or change its terms. Fed-SB helps here: noise on R enters W as
+B xi A (linear, norm-preserving for orthonormal B, A), while noisy LoRA factors multiply. LoRA-SB's initialisation
+gradients are NOT private unless --sb_init_data is public data.
 
 Several processes (torchrun --nproc_per_node N fed.py ..., one per GPU): each process trains a contiguous share of
 a round's clients; every process then receives every client's state (all_gather) and aggregates them in client
 order, so all processes hold the global state that one process would compute. Rank 0 writes the files.
 """
+import functools
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +65,7 @@ import fetch
 import lora
 import lora_sb
 import train
-from model import Llama, Tokenizer, UserError
+from model import Llama, Tokenizer, UserError, load_strict
 
 FED_METHODS = {"sb": lora_sb, "fedit": lora, "ffa": lora, "fedex": lora}
 
@@ -61,10 +81,11 @@ class FedConfig(train.TrainConfig):
     dirichlet_field: str = "type"  # the categorical field the Dirichlet split skews (MetaMathQA: type)
     dirichlet_beta: float = 0.5
     drop_prob: float = 0.0  # each sampled client fails mid-round with this probability
-    dp_epsilon: float = 0.0  # > 0: DP-SGD per client with this target epsilon
-    dp_delta: float = 0.0  # 0: 1 / (examples of the client)
-    dp_clip: float = 0.1
+    dp_epsilon: float = math.inf  # a target epsilon (> 0): DP-SGD per client; inf (the default): no privacy
+    dp_delta: float = 0.0  # in (0, 1/n) for clients of n examples; 0 (the default): min(1e-5, n^-1.1) per client
+    dp_clip: float = 0.1  # C, the per-example L2 clip (> 0)
     dp_accountant: str = "rdp"  # rdp | prv (Opacus's)
+    dp_seed: int = -1  # -1: DP noise and sampling from OS entropy; >= 0: reproducible, which VOIDS the guarantee
     sb_init_data: str = ""  # a public file for LoRA-SB's central init; default: the pooled training data
     eval_gsm8k: int = 0  # after the last round, GSM8K accuracy on the first N problems of --test_data (default GSM8K)
     out_dir: str = "out/fed"
@@ -113,42 +134,75 @@ def split_clients(n, cfg: FedConfig, labels=None):
 
 
 def communication(model, cfg: FedConfig, mcfg):
-    """Parameters and bytes per client per round: up, down, and the one-time setup download."""
-    up = down = setup = down_bytes_extra = 0
+    """Parameters and bytes per client per round, up and down, and the one-time setup download, as fed.py sends
+    them (all fp32); and under "paper", the parameters as the Fed-SB paper counts them, so its ratios can be
+    checked: FFA-LoRA P/2 each way, FedEx-LoRA's download K P (K clients per round), no setup."""
+    P = up = down = setup = 0  # P = sum over modules of r (d_in + d_out): a LoRA adapter's size
     for name, m in model.named_modules():
         if type(m) is not torch.nn.Linear or name.split(".")[-1] not in mcfg.targets:
             continue
         d_out, d_in, r = m.out_features, m.in_features, mcfg.rank
+        P += r * (d_in + d_out)
         if cfg.method == "sb":
             up, down, setup = up + r * r, down + r * r, setup + r * (d_in + d_out)
         elif cfg.method == "ffa":
             up, down = up + r * d_out, down + r * d_out
         else:
             up, down = up + r * (d_in + d_out), down + r * (d_in + d_out)
-            if cfg.method == "fedex":  # the full-rank residual, folded into the base weight
+            if cfg.method == "fedex":  # the full-rank residual of every adapted weight, in fp32
                 down += d_out * d_in
-                down_bytes_extra += d_out * d_in * (m.weight.element_size() - 4)
-    return dict(up_params=up, down_params=down, setup_down_params=setup, up_bytes=4 * up,
-                down_bytes=4 * down + down_bytes_extra, setup_down_bytes=4 * setup)
+    K = max(1, math.ceil(cfg.client_frac * cfg.clients))
+    paper = dict(sb=(up, down), fedit=(P, P), ffa=(P // 2, P // 2), fedex=(P, K * P))[cfg.method]
+    return dict(up_params=up, down_params=down, setup_down_params=setup, up_bytes=4 * up, down_bytes=4 * down,
+                setup_down_bytes=4 * setup, paper=dict(up_params=paper[0], down_params=paper[1], setup_down_params=0))
+
+
+def print_communication(comm):
+    p, ours, theirs = comm["paper"], "ours (what fed.py sends)", "Fed-SB paper's convention"
+    print(f"{'per client':14}{ours:>34}{theirs:>30}")
+    print(f"{'':14}{'params':>18}{'bytes':>16}{'params':>30}")
+    for label, key in (("up / round", "up"), ("down / round", "down"), ("setup (once)", "setup_down")):
+        print(f"{label:14}{comm[key + '_params']:>18,}{comm[key + '_bytes']:>16,}{p[key + '_params']:>30,}")
 
 
 def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+class FedExLinear(lora.Linear):
+    """lora.Linear plus FedEx-LoRA's accumulated residual E (d_out, d_in) in an fp32 buffer, kept beside the base
+    weight rather than folded into it (a bf16 W0 would round E away). The layer is W0 + s B A + E; E x joins the
+    adapter's output, which model.adapted_linear adds inside the base GEMM's fp32 accumulator."""
+
+    def delta(self, x):
+        return super().delta(x) + F.linear(x, self.fedex_residual)  # E sees x without the adapter's dropout
+
+    def merged_weight(self):
+        return super().merged_weight() + self.fedex_residual
+
+
+def add_fedex_residuals(model):
+    """Every lora.Linear becomes a FedExLinear: the same module and tensors, plus a zero residual."""
+    for m in model.modules():
+        if type(m) is lora.Linear:
+            m.__class__ = FedExLinear  # a class change: the module keeps its Parameters, nothing is copied
+            m.register_buffer("fedex_residual", torch.zeros(m.out_features, m.in_features, device=m.weight.device))
+    return model
+
+
+def fedex_residuals(model):
+    return {n: m.fedex_residual for n, m in model.named_modules() if isinstance(m, FedExLinear)}
+
+
 def aggregate(model, cfg: FedConfig, states, weights):
     """The new global trainable state from this round's client states (name -> tensor), weights summing to 1."""
     new = {n: sum(w * s[n].float() for s, w in zip(states, weights)) for n in states[0]}
-    if cfg.method == "fedex":  # fold the part of mean(B_k A_k) that mean(B) mean(A) misses into W
-        for name, m in model.named_modules():
-            if isinstance(m, lora.Linear):
-                A, B = f"{name}.lora_A", f"{name}.lora_B"
-                dev = m.weight.device
-                mean_BA = sum(w * s[B].to(dev, torch.float32) @ s[A].to(dev, torch.float32)
-                              for s, w in zip(states, weights))  # (d_out, d_in)
-                residual = m.scale * (mean_BA - new[B].to(dev) @ new[A].to(dev))
-                with torch.no_grad():
-                    m.weight.copy_((m.weight.float() + residual).to(m.weight.dtype))
+    if cfg.method == "fedex":  # add the part of mean(B_k A_k) that mean(B) mean(A) misses to E, in fp32
+        for name, E in fedex_residuals(model).items():
+            A, B, dev = f"{name}.lora_A", f"{name}.lora_B", E.device
+            mean_BA = sum(w * s[B].to(dev, torch.float32) @ s[A].to(dev, torch.float32)
+                          for s, w in zip(states, weights))  # (d_out, d_in)
+            E += model.get_submodule(name).scale * (mean_BA - new[B].to(dev) @ new[A].to(dev))
     return new
 
 
@@ -161,24 +215,114 @@ def load_state(model, state):
 # -----------------------------------------------------------------------------
 # differential privacy
 
-def dp_epsilon(sigma, q, steps, delta, accountant="rdp"):
+def history_epsilon(history, delta, accountant="rdp"):
+    """epsilon at delta of DP-SGD composed over history = [(noise multiplier, sample rate, steps), ...]."""
+    steps = {}
+    for sigma, q, n in history:  # one entry per (sigma, q), as Opacus's own step() keeps it
+        steps[(sigma, q)] = steps.get((sigma, q), 0) + n
+    return accountant_epsilon(tuple((sigma, q, n) for (sigma, q), n in steps.items() if n > 0), delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def accountant_epsilon(history, delta, accountant):
+    """Opacus's epsilon (cached: one evaluation can take 0.1 s, and clients of equal shards ask the same)."""
     from opacus.accountants import PRVAccountant, RDPAccountant  # only in private mode
     acc = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
-    acc.history = [(sigma, q, steps)]
-    return acc.get_epsilon(delta=delta)
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta) if history else 0.0
+
+
+def dp_epsilon(sigma, q, steps, delta, accountant="rdp"):
+    return history_epsilon([(sigma, q, steps)], delta, accountant)
 
 
 def dp_sigma(epsilon, q, steps, delta, accountant="rdp"):
-    """The smallest noise multiplier whose epsilon is <= the target (bisection; epsilon falls as sigma grows)."""
+    """The smallest noise multiplier whose epsilon is <= the target (bisection to 1e-6 relative; epsilon falls as
+    sigma grows)."""
     lo, hi = 0.1, 1.0
     while dp_epsilon(hi, q, steps, delta, accountant) > epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e4:
             raise UserError(f"epsilon {epsilon} is out of reach for q={q:.3g}, {steps} steps")
-    for _ in range(40):
+    while hi - lo > 1e-6 * hi:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if dp_epsilon(mid, q, steps, delta, accountant) > epsilon else (lo, mid)
     return hi
+
+
+def default_delta(n):
+    """delta for a client of n examples: below 1/n (a delta near 1/n allows releasing a whole record)."""
+    return min(1e-5, n ** -1.1)
+
+
+def check_dp_options(cfg: FedConfig):
+    """One clear line for each setting that would train without the privacy it claims (no data is needed)."""
+    if not cfg.dp_epsilon > 0:
+        raise UserError(f"--dp_epsilon must be > 0, got {cfg.dp_epsilon} (a target epsilon; inf, the default, "
+                        f"trains without privacy)")
+    if not cfg.dp_clip > 0:
+        raise UserError(f"--dp_clip must be > 0, got {cfg.dp_clip} (the per-example gradient clip; 0 trains nothing)")
+    if cfg.dp_accountant not in ("rdp", "prv"):
+        raise UserError(f"--dp_accountant must be rdp or prv, got {cfg.dp_accountant!r}")
+    if not 0 <= cfg.dp_delta < 1:
+        raise UserError(f"--dp_delta must be in (0, 1/n) for clients of n examples, got {cfg.dp_delta} "
+                        f"(0, the default: min(1e-5, n^-1.1))")
+
+
+def privacy_plan(cfg: FedConfig, shards, steps, saved=None):
+    """DP-SGD's settings per client (sample rate q, delta), the noise multiplier and the accountant's history: a new
+    run finds sigma for the target epsilon over all rounds; a resumed one (saved: its fed_state.pt) keeps its own
+    and refuses settings that would change its guarantee or exceed its target."""
+    n = [len(s) for s in shards]
+    if cfg.dp_delta and cfg.dp_delta >= 1 / max(n):
+        raise UserError(f"--dp_delta must be in (0, 1/n) for clients of n examples, got {cfg.dp_delta} with "
+                        f"n up to {max(n)}: use < {1 / max(n):.3g} (or 0, the default: min(1e-5, n^-1.1))")
+    q = [min(1.0, cfg.batch_size / nk) for nk in n]
+    delta = [cfg.dp_delta or default_delta(nk) for nk in n]
+    if saved is None:
+        sigma = max(dp_sigma(cfg.dp_epsilon, qk, sk * cfg.rounds, dk, cfg.dp_accountant)
+                    for qk, sk, dk in zip(q, steps, delta))  # one sigma that meets the target for every client
+        return dict(sigma=sigma, q=q, delta=delta, history=[[] for _ in n], sizes=n)
+    check_private_resume(cfg, saved, n)
+    plan = dict(saved["dp"], q=q, delta=delta)
+    left = max(0, cfg.rounds - saved["round"])
+    eps = max(epsilons(plan, cfg, [s * left for s in steps]))
+    if eps > cfg.dp_epsilon + 1e-9:  # sigma was found for the saved rounds; more steps cost more epsilon
+        old = saved["config"]
+        raise UserError(f"resuming to --rounds {cfg.rounds} (--local_steps {cfg.local_steps}) would spend epsilon "
+                        f"{eps:.3f} > the target {cfg.dp_epsilon} of this private run: keep --rounds {old['rounds']} "
+                        f"(--local_steps {old['local_steps']}) or start a new run")
+    return plan
+
+
+def check_private_resume(cfg: FedConfig, saved, sizes):
+    """A resumed private run keeps the terms its guarantee is stated in, and its clients (the history is per client).
+    The clip is among them though epsilon does not depend on it at a fixed sigma: one run, one mechanism."""
+    if saved["dp"] is None:
+        raise UserError("this run trained without privacy: a private run must start anew (a new --run_name)")
+    old = saved["config"]
+    for key in ("dp_epsilon", "dp_delta", "dp_clip", "dp_accountant", "batch_size"):
+        if getattr(cfg, key) != old[key]:
+            raise UserError(f"--{key} {getattr(cfg, key)} differs from this private run's {old[key]}: its guarantee "
+                            f"was stated for {old[key]}; keep it or start a new run")
+    if saved["dp"]["sizes"] != sizes:
+        raise UserError("the clients' shards differ from this private run's (--clients, --split, --data, --seed...): "
+                        "its accountant's history is per client; keep its settings or start a new run")
+
+
+def epsilons(dp, cfg: FedConfig, more_steps=None):
+    """Each client's epsilon at its delta: its accountant's history, plus more_steps[k] steps still to run."""
+    more = more_steps or [0] * len(dp["history"])
+    return [history_epsilon([*h, (dp["sigma"], qk, m)], dk, cfg.dp_accountant)
+            for h, qk, dk, m in zip(dp["history"], dp["q"], dp["delta"], more)]
+
+
+def dp_generator(dp_seed, seed):
+    """The generator of DP-SGD's Poisson sampling and noise: 64 bits of OS entropy (fresh per client and round) by
+    default; --dp_seed >= 0 makes it reproducible (tests), and anyone with the saved config could remove the noise."""
+    if dp_seed < 0:
+        return torch.Generator().manual_seed(secrets.randbits(64))
+    return torch.Generator().manual_seed((dp_seed * 2**32 + seed) % 2**63)
 
 
 def per_example_grads(model, params, x, y):
@@ -213,7 +357,7 @@ def local_train(model, cfg: FedConfig, data, shard, steps, seed, pad_id, dp=None
     dev = next(iter(params.values())).device
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=dev.type == "cuda")
-    gen = torch.Generator().manual_seed(seed)
+    gen = dp_generator(cfg.dp_seed, seed) if dp else None
     micro = cfg.micro_batch_size or cfg.batch_size
     model.train()
     for step in range(steps):
@@ -268,6 +412,8 @@ def main(argv=None):
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         cfg, mcfg = train.parse_args(argv, dict(train=saved["config"], method_config=saved["method_config"]),
                                      cls=FedConfig, methods=FED_METHODS)  # the run's settings, then this command line
+    check_dp_options(cfg)
+    private = cfg.dp_epsilon < math.inf
     cfg.lr = cfg.lr or FED_METHODS[cfg.method].DEFAULT_LR
     method = FED_METHODS[cfg.method]
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -301,6 +447,9 @@ def main(argv=None):
     val_batches = [train.pack(val[j:j + micro], cfg.max_len, tok.pad_id) for j in range(0, len(val), micro)]
     shards = split_clients(len(data), cfg, labels)
     steps = [cfg.local_steps or math.ceil(len(s) / cfg.batch_size) for s in shards]
+    dp = None  # privacy_plan's errors come before the model loads
+    if private or (saved is not None and saved["dp"] is not None):
+        dp = privacy_plan(cfg, shards, steps, saved)
 
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
     if saved is None:
@@ -321,23 +470,23 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, lora.Linear):
                 m.lora_A.requires_grad_(False)
-    if saved is not None:  # the global state after the last completed round (and FedEx's updated bases)
+    if cfg.method == "fedex":  # the residuals live beside the base weights, which never change
+        add_fedex_residuals(model)
+    if saved is not None:  # the global state after the last completed round (and FedEx's residuals)
         method.load_adapter_state_dict(model, saved["adapter"])
-        with torch.no_grad():
-            for n, w in saved["base"].items():
-                model.get_submodule(n).weight.copy_(w)
+        load_strict(fedex_residuals(model), saved["residual"])
     global_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
 
-    dp = None
-    if cfg.dp_epsilon > 0:
-        q = [min(1.0, cfg.batch_size / len(s)) for s in shards]
-        delta = [cfg.dp_delta or 1 / len(s) for s in shards]
-        sigma = max(dp_sigma(cfg.dp_epsilon, qk, sk * cfg.rounds, dk, cfg.dp_accountant)
-                    for qk, sk, dk in zip(q, steps, delta))  # one sigma that meets the target for every client
-        spent = max(dp_epsilon(sigma, qk, sk * cfg.rounds, dk, cfg.dp_accountant) for qk, sk, dk in zip(q, steps, delta))
-        dp = dict(sigma=sigma, q=q, epsilon_spent=spent, delta=max(delta), accountant=cfg.dp_accountant)
-        print(f"DP-SGD: noise multiplier {sigma:.4f}, clip {cfg.dp_clip}; epsilon spent <= {spent:.4f} at delta "
-              f"<= {max(delta):.2e} ({cfg.dp_accountant}) per client over {cfg.rounds} rounds")
+    if dp:
+        ran = saved["round"] if saved else 0
+        left = max(0, cfg.rounds - ran)
+        print(f"DP-SGD: noise multiplier {dp['sigma']:.4f}" + (" (the run's own)" if saved else "") + f", clip "
+              f"{cfg.dp_clip}; per client at delta <= {max(dp['delta']):.2e} ({cfg.dp_accountant}): epsilon "
+              f"{max(epsilons(dp, cfg)):.4f} spent in {ran} rounds, <= "
+              f"{max(epsilons(dp, cfg, [s * left for s in steps])):.4f} after all {cfg.rounds}")
+        if cfg.dp_seed >= 0:
+            print(f"warning: --dp_seed {cfg.dp_seed} makes the DP noise reproducible from the saved settings: the "
+                  f"privacy guarantee is void (for tests only)")
         if cfg.method == "sb" and not cfg.sb_init_data:
             print("note: LoRA-SB's initialisation gradients come from the clients' data and are NOT private; pass "
                   "--sb_init_data with public data for an end-to-end guarantee")
@@ -367,6 +516,8 @@ def main(argv=None):
             done = [d for part in parts for d in part]
         states, sizes = [], []
         for k, state in done:
+            if dp:  # the steps it ran, counted even when it dropped out and sent nothing (conservative)
+                dp["history"][k].append((dp["sigma"], dp["q"][k], fails.get(k, steps[k])))
             if state is None:
                 print(f"round {rnd + 1}: client {k} dropped out")
             else:
@@ -383,11 +534,11 @@ def main(argv=None):
                         up_params=up, down_params=down, seconds=round(time.time() - t0, 2)))
         print(f"round {rnd + 1}/{cfg.rounds}: {len(states)}/{len(picked)} clients, held-out loss "
               f"{log[-1]['val_loss']:.4f}, {up:,} parameters up, {down:,} down")
-        base = {n: m.weight.detach().cpu() for n, m in model.named_modules()
-                if isinstance(m, method.Linear)} if cfg.method == "fedex" else {}
         if rank == 0:
-            train.atomic_save(dict(round=rnd + 1, adapter=method.adapter_state_dict(model), base=base, log=log,
-                                   totals=totals, config=asdict(cfg), method_config=asdict(mcfg)),
+            residual = {n: E.cpu() for n, E in fedex_residuals(model).items()}
+            train.atomic_save(dict(round=rnd + 1, adapter=method.adapter_state_dict(model), residual=residual,
+                                   dp=dp and dict(sigma=dp["sigma"], history=dp["history"], sizes=dp["sizes"]),
+                                   log=log, totals=totals, config=asdict(cfg), method_config=asdict(mcfg)),
                               state_path, torch.save)
 
     if distributed:  # the rest (the GSM8K score, the summary) on rank 0 alone; every rank holds the same model
@@ -395,23 +546,23 @@ def main(argv=None):
         dist.destroy_process_group()
         if rank > 0:
             return None
+    privacy = dp and dict(epsilon=max(epsilons(dp, cfg)), delta=max(dp["delta"]), target_epsilon=cfg.dp_epsilon,
+                          noise_multiplier=dp["sigma"], clip=cfg.dp_clip, accountant=cfg.dp_accountant)
     summary = dict(method=cfg.method, rank=mcfg.rank, clients=cfg.clients, rounds=cfg.rounds, split=cfg.split,
-                   per_client_per_round=comm, total=totals, final_val_loss=log[-1]["val_loss"], dp=dp, log=log)
+                   per_client_per_round=comm, total=totals, final_val_loss=log[-1]["val_loss"], dp=privacy, log=log)
     if cfg.eval_gsm8k:
-        import eval as ev
-        method.merge(model)
+        import eval as ev  # the global model as trained: adapters unmerged, the training's precision policy
         test = fetch.resolve_data("gsm8k" if cfg.test_data in ("", "auto") else cfg.test_data, "test")
-        _, s = ev.run_eval(model.to(dtype).eval(), tok, ev.load_gsm8k(test, cfg.eval_gsm8k), cfg.template, ev.SUFFIX,
-                           256, 256)
+        _, s = ev.run_eval(model.eval(), tok, ev.load_gsm8k(test, cfg.eval_gsm8k), cfg.template, ev.SUFFIX, 256, 256)
         summary["gsm8k"] = s
     train.save_json(summary, os.path.join(run_dir, "summary.json"))
-    print(f"{'':14}{'params/client':>15}{'bytes/client':>14}")
-    print(f"{'up / round':14}{comm['up_params']:>15,}{comm['up_bytes']:>14,}")
-    print(f"{'down / round':14}{comm['down_params']:>15,}{comm['down_bytes']:>14,}")
-    print(f"{'setup (once)':14}{comm['setup_down_params']:>15,}{comm['setup_down_bytes']:>14,}")
+    print_communication(comm)
     print(f"total over {cfg.rounds} rounds, all clients: {totals['up_bytes'] + totals['down_bytes']:,} bytes "
           f"({totals['up_params']:,} parameters up, {totals['down_params']:,} down); final held-out loss "
           f"{summary['final_val_loss']:.4f}" + (f"; GSM8K {summary['gsm8k']['accuracy']:.4f}" if cfg.eval_gsm8k else ""))
+    if privacy:
+        print(f"privacy per client: epsilon {privacy['epsilon']:.4f} spent (target {cfg.dp_epsilon}) at delta "
+              f"{privacy['delta']:.2e} ({cfg.dp_accountant}; noise multiplier {dp['sigma']:.4f}, clip {cfg.dp_clip})")
     return summary
 
 

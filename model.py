@@ -426,13 +426,36 @@ class Llama(nn.Module):
 # -----------------------------------------------------------------------------
 # adapter plumbing shared by the method files (lora.py, lora_sb.py, ...): the math lives there
 
+class _AddInAccumulator(torch.autograd.Function):
+    """CUDA: x W^T + delta with delta added to the fp32 product before the one rounding to bf16. cuBLAS's bf16 addmm
+    rounds the product to bf16 before it adds C (measured on the H200: it keeps 4% of a small delta, as F.linear + delta
+    does), so the product is taken in fp32 (mm with out_dtype), delta added, and the sum rounded once. The backward is a plain linear's:
+    W is frozen, so only x and delta get gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, delta):  # x (N, d_in), weight (d_out, d_in), delta (N, d_out), all in the compute dtype
+        ctx.save_for_backward(weight)
+        with torch.autocast("cuda", enabled=False):
+            return torch.mm(x, weight.t(), out_dtype=torch.float32).add_(delta).to(x.dtype)  # (N, d_out)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, = ctx.saved_tensors
+        return g @ weight, None, g
+
+
 def adapted_linear(x, weight, bias, delta):
-    """x W^T + bias + delta, where delta is an adapter's output: delta enters the GEMM (addmm) and is added to its
-    fp32 accumulator before the one rounding to the output dtype. Added afterwards to a bf16 output y0, which is
-    already a bf16 number, y0 + delta would round back to y0 wherever |delta| < half an ulp of y0: a systematic loss
-    of small updates, not noise. Inside the GEMM the rounding is of a value that varies from token to token, so it
-    is unbiased and averages out (tests/test_precision.py measures both)."""
-    y = torch.addmm(delta.flatten(0, -2), x.flatten(0, -2), weight.t())  # (N, d_out)
+    """x W^T + bias + delta, where delta is an adapter's output: delta is added to the GEMM's fp32 accumulator before
+    the one rounding to the output dtype. Added afterwards to a bf16 output y0, which is already a bf16 number,
+    y0 + delta would round back to y0 wherever |delta| < half an ulp of y0: a systematic loss of small updates, not
+    noise. Inside the GEMM the rounding is of a value that varies from token to token, so it is unbiased and averages
+    out (tests/test_precision.py measures both on the CPU; the README's precision section on the GPU)."""
+    x2, d2 = x.flatten(0, -2), delta.flatten(0, -2)  # (N, d_in), (N, d_out)
+    dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    if x.is_cuda and dt in (torch.bfloat16, torch.float16):
+        y = _AddInAccumulator.apply(x2.to(dt), weight.to(dt), d2.to(dt))
+    else:  # the CPU's addmm adds C before rounding (fp32 on CPU: nothing is rounded anyway)
+        y = torch.addmm(d2, x2, weight.t())
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
 

@@ -418,7 +418,9 @@ def init_grads(model, batches, targets, offload=False, n_tgt=0):
     (LoRA-SB and LoRA-GA initialise from it). Only those weights get gradients; each is folded into its fp32
     accumulator as soon as it is formed (optionally on the CPU), so no second weight-sized tensor per layer
     lives on the GPU beyond one transient gradient. n_tgt: the target tokens of every process's batches (data
-    parallel): each process's part is then weighted by its share of them, and the parts sum to the whole."""
+    parallel): each process's part is then weighted by its share of them, and the parts sum to the whole.
+    So G is the gradient of the mean over every target token of the init examples, accumulated in fp32; the official
+    LoRA-SB and LoRA-GA code instead sum (LoRA-GA: average) the gradients of per-batch mean losses, in bf16."""
     dev = model.lm_head.weight.device
     model.requires_grad_(False)
     weights = {n: m.weight for n, m in model.named_modules() if type(m) is nn.Linear and n.split(".")[-1] in targets}
