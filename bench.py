@@ -17,13 +17,19 @@ and MFU = tok/s x FLOPs/token / peak, with FLOPs/token = 6N for full fine-tuning
 plus attention 12 L H d_head T (PaLM's convention, no causal discount); peak = 989 TFLOP/s (H100 SXM bf16 dense).
 """
 import json
+import os
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
-import train
-from model import Llama, ModelConfig, UserError
+import cli
+import step
+from cli import UserError
+from model import Llama, ModelConfig
+from runs import METHODS
 
 SHAPES = {  # the published configs (hidden sizes, heads, vocabularies, RoPE); weights are random
     "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
@@ -39,6 +45,26 @@ SHAPES = {  # the published configs (hidden sizes, heads, vocabularies, RoPE); w
     "tiny": ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256),
 }
 PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
+
+
+@dataclass
+class BenchConfig:
+    shapes: str = "smollm2-135m,tinyllama-1.1b,llama-3.2-1b,llama-2-7b"  # model shapes (SHAPES), comma-separated
+    methods: str = "full,lora,xs,sb,ga,bone,dylora"  # our methods to time, comma-separated
+    batch: int = 8  # sequences per step
+    seq: int = 1024  # tokens per sequence
+    steps: int = 20  # timed optimizer steps per row
+    warmup: int = 5  # untimed steps first (allocation, autotuning, graph capture)
+    compile: bool = False  # torch.compile each transformer block (as train.py --compile)
+    cuda_graph: bool = False  # capture each step as one CUDA graph (as train.py --cuda_graph)
+    grad_checkpoint: bool = False  # recompute activations in backward
+    hf: bool = False  # also time Hugging Face transformers + PEFT (hf-lora, hf-miss, hf-full) on each shape
+    gsm8k: bool = False  # time train.py's real GSM8K run instead (needs --model, --data; other keys go to train.py)
+    smoke: bool = False  # tiny shape, 2 steps, CPU: keeps this path working in CI
+    model: str = ""  # --gsm8k: the model folder
+    data: str = ""  # --gsm8k: GSM8K train.jsonl
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    json: str = ""  # also write the rows and settings to this JSON file
 
 
 def flops_per_token(cfg, seq, full):
@@ -74,48 +100,46 @@ def sync(device):
 def bench_ours(shape, name, args, device, dtype):
     """One row for our loop: build, init (timed), warm up, time `steps` optimizer steps."""
     cfg = SHAPES[shape]
-    method = train.METHODS[name]
-    tcfg = train.TrainConfig(method=name, lr=method.DEFAULT_LR)
+    method = METHODS[name]
+    ocfg = step.OptimConfig(lr=method.DEFAULT_LR)  # train.py's optimizer settings
     mcfg = method.Config()
-    graphed = args["cuda_graph"] and device.type == "cuda" and getattr(method, "CUDA_GRAPH", True)
+    graphed = args.cuda_graph and device.type == "cuda" and method.CUDA_GRAPH
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = build(cfg, device, dtype)
-    model.grad_checkpoint = args["grad_checkpoint"]
+    model.grad_checkpoint = args.grad_checkpoint
     t0 = time.time()
     grads = None
-    if getattr(mcfg, "init_samples", 0) > 0:
-        if hasattr(mcfg, "lr_1"):  # LoRA-SB: as train.py sets it (the first step of warm-up)
-            mcfg.lr_1 = train.get_lr(0, tcfg, args["warmup"] + args["steps"])
-        n = -(-mcfg.init_samples // args["batch"])
-        init = random_batches(n, args["batch"], args["seq"], cfg.vocab_size, device, seed=1)
-        grads = train.init_grads(model, [(x, y, torch.arange(args["seq"]).expand_as(x)) for x, y, _ in init],
-                                 mcfg.targets)
-    method.apply(model, mcfg, grads)
+    if method.GRADIENT_INIT:  # init_samples random sequences instead of the first training examples
+        n = -(-mcfg.init_samples // args.batch)
+        init = random_batches(n, args.batch, args.seq, cfg.vocab_size, device, seed=1)
+        grads = step.init_grads(model, [(x, y, torch.arange(args.seq).expand_as(x)) for x, y, _ in init],
+                                mcfg.targets, mcfg.init_offload)
+    method.apply(model, mcfg, grads, first_lr=step.get_lr(0, ocfg, args.warmup + args.steps))
     del grads
     sync(device)
-    init_s = time.time() - t0 if getattr(mcfg, "init_samples", 0) > 0 else None
-    if args["compile"]:
+    init_s = time.time() - t0 if method.GRADIENT_INIT else None
+    if args.compile:
         torch._dynamo.reset()  # every row compiles afresh: past rows' graphs would count against the recompile limit
         model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.make_optimizer(params, tcfg, device, graphed)
-    step = train.make_step(model, opt, params, tcfg.grad_clip, graphed)
+    opt = step.make_optimizer(params, ocfg, device, graphed)
+    train_step = step.make_step(model, opt, params, ocfg.grad_clip, graphed)
     model.train()
-    data = random_batches(args["warmup"] + args["steps"], args["batch"], args["seq"], cfg.vocab_size, device, 0)
-    n_tgt = args["batch"] * args["seq"]
+    data = random_batches(args.warmup + args.steps, args.batch, args.seq, cfg.vocab_size, device, 0)
+    n_tgt = args.batch * args.seq
     for i, b in enumerate(data):
-        if i == args["warmup"]:
+        if i == args.warmup:
             sync(device)
             t0 = time.time()
-        method.on_step(model, i)
-        loss, _ = step([b], n_tgt)
+        method.on_step(model, mcfg, i)
+        loss, _ = train_step([b], n_tgt)
     loss = loss.item()  # waits for the last step
-    dt = (time.time() - t0) / args["steps"]
+    dt = (time.time() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     tok_s = n_tgt / dt
-    mfu = tok_s * flops_per_token(cfg, args["seq"], name == "full") / PEAK_FLOPS
+    mfu = tok_s * flops_per_token(cfg, args.seq, name == "full") / PEAK_FLOPS
     return dict(shape=shape, method=name, trainable=sum(p.numel() for p in params), tok_s=tok_s, step_ms=dt * 1e3,
                 peak_gib=peak, mfu=mfu, init_s=init_s, loss=loss)
 
@@ -146,37 +170,41 @@ def bench_hf(shape, name, args, device):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
-    data = random_batches(args["warmup"] + args["steps"], args["batch"], args["seq"], cfg.vocab_size, device, 0)
+    data = random_batches(args.warmup + args.steps, args.batch, args.seq, cfg.vocab_size, device, 0)
     for i, (x, _, _) in enumerate(data):
-        if i == args["warmup"]:
+        if i == args.warmup:
             sync(device)
             t0 = time.time()
         x = x.to(device)
-        with train.autocast(device):
+        with step.autocast(device):
             loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     loss = loss.item()
-    dt = (time.time() - t0) / args["steps"]
-    tok_s = args["batch"] * args["seq"] / dt
-    mfu = tok_s * flops_per_token(cfg, args["seq"], name == "hf-full") / PEAK_FLOPS
+    dt = (time.time() - t0) / args.steps
+    tok_s = args.batch * args.seq / dt
+    mfu = tok_s * flops_per_token(cfg, args.seq, name == "hf-full") / PEAK_FLOPS
     return dict(shape=shape, method=name, trainable=sum(p.numel() for p in params), tok_s=tok_s, step_ms=dt * 1e3,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), mfu=mfu, init_s=None,
                 loss=loss)
 
 
-def bench_gsm8k(name, args):
-    """train.py's real run (one GSM8K epoch by default) with the given flags; training time excludes init."""
-    argv = ["--method", name, "--model", args["model"], "--data", args["data"], "--test_data=",
-            "--out_dir", "/tmp/nanopeft_bench", "--run_name", name, "--eval_every", "100000",
-            "--save_every", "100000", "--log_every", "50"] + args["train_args"]
-    if args["compile"]:
-        argv.append("--compile")
-    if args["cuda_graph"]:
-        argv.append("--cuda_graph")
-    out = train.main(argv)
+def bench_gsm8k(name, args, train_args):
+    """train.py's real run (one GSM8K epoch by default) with the given flags, in its own process; training time
+    excludes init and evaluations. The run folder is /tmp/nanopeft_bench/<method>, replaced each time."""
+    import shutil
+    out_dir = "/tmp/nanopeft_bench"
+    shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    argv = ["--method", name, "--model", args.model, "--data", args.data, "--test_data=", "--out_dir", out_dir,
+            "--run_name", name, "--eval_every", "100000", "--save_every", "100000", "--log_every", "50",
+            f"--device={args.device}"] + [f"--{k}" for k in ("compile", "cuda_graph", "grad_checkpoint")
+                                          if getattr(args, k)] + train_args  # else train.py's defaults
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    if subprocess.run([sys.executable, script] + argv).returncode:
+        raise UserError(f"the train.py run of {name} failed; its output is above")
+    out = json.load(open(os.path.join(out_dir, name, "summary.json")))
     return dict(shape="gsm8k-epoch", method=name, trainable=out["trainable_params"], tok_s=out["tok_s"],
                 step_ms=out["train_s"] / out["steps"] * 1e3, peak_gib=out["peak_gib"], mfu=None,
                 init_s=out["init_s"], loss=out["val_loss"], train_s=out["train_s"])
@@ -187,45 +215,36 @@ def fmt(v, spec):
 
 
 def main(argv=None):
-    args = dict(shapes="smollm2-135m,tinyllama-1.1b,llama-3.2-1b,llama-2-7b",
-                methods="full,lora,xs,sb,ga,bone,dylora", batch=8, seq=1024, steps=20, warmup=5, compile=False,
-                cuda_graph=False, grad_checkpoint=False, hf=False, gsm8k=False, smoke=False, model="", data="",
-                device="auto", json="")
     argv = sys.argv[1:] if argv is None else argv
-    rest, i = [], 0
-    while i < len(argv):  # --key=value or --key value; anything else goes on to train.py in --gsm8k mode
-        k, eq, v = argv[i][2:].partition("=")
-        if not argv[i].startswith("--") or k not in args:
-            rest.append(argv[i])
-        elif isinstance(args[k], bool):
-            args[k] = v.lower() not in ("false", "0", "no") if eq else True
-        else:
-            if not eq:
-                i += 1
-                v = argv[i] if i < len(argv) else ""
-            args[k] = type(args[k])(v)
-        i += 1
-    args["train_args"] = rest
-    if rest and not args["gsm8k"]:
-        raise UserError(f"unknown argument {rest[0]}: use --key=value with keys {', '.join(args)}")
-    if args["smoke"]:
-        args.update(shapes="tiny", batch=2, seq=32, steps=2, warmup=1, device="cpu")
-    device = torch.device("cuda" if args["device"] == "auto" and torch.cuda.is_available() else
-                          "cpu" if args["device"] == "auto" else args["device"])
+    if cli.wants_help(argv):
+        return cli.print_help(__doc__, [("options", BenchConfig)])
+    train_args = []
+    args, = cli.parse(argv, BenchConfig(), rest=train_args)
+    if train_args and not args.gsm8k:
+        raise UserError(f"unknown option {train_args[0].partition('=')[0]} (--help lists the options; other keys "
+                        "are train.py's, with --gsm8k)")
+    if args.gsm8k and not (args.model and args.data):
+        raise UserError("--gsm8k needs --model PATH and --data train.jsonl")
+    if args.smoke:
+        args.shapes, args.batch, args.seq, args.steps, args.warmup, args.device = "tiny", 2, 32, 2, 1, "cpu"
+    if min(args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
+        raise UserError("--batch, --seq and --steps must be >= 1 and --warmup >= 0")
+    device = cli.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    methods = args["methods"].split(",")
+    methods = args.methods.split(",")
     for m in methods:
-        if m not in train.METHODS:
-            raise UserError(f"unknown method {m!r}: choose from {', '.join(train.METHODS)}")
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    shapes = args.shapes.split(",")
+    for sh in shapes:
+        if not args.gsm8k and sh not in SHAPES:
+            raise UserError(f"unknown shape {sh!r}: choose from {', '.join(SHAPES)}")
     rows = []
-    jobs = [("gsm8k", m) for m in methods] if args["gsm8k"] else [(s, m) for s in args["shapes"].split(",")
-                                                                   for m in methods + (["hf-lora", "hf-miss", "hf-full"]
-                                                                                       if args["hf"] else [])]
+    jobs = ([("gsm8k", m) for m in methods] if args.gsm8k else
+            [(sh, m) for sh in shapes for m in methods + (["hf-lora", "hf-miss", "hf-full"] if args.hf else [])])
     for shape, m in jobs:
-        if shape != "gsm8k" and shape not in SHAPES:
-            raise UserError(f"unknown shape {shape!r}: choose from {', '.join(SHAPES)}")
         try:
-            row = (bench_gsm8k(m, args) if shape == "gsm8k" else bench_hf(shape, m, args, device)
+            row = (bench_gsm8k(m, args, train_args) if shape == "gsm8k" else bench_hf(shape, m, args, device)
                    if m.startswith("hf-") else bench_ours(shape, m, args, device, dtype))
         except torch.cuda.OutOfMemoryError:
             row = dict(shape=shape, method=m, note="out of memory")
@@ -233,9 +252,9 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache() if device.type == "cuda" else None
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args['batch']} x {args['seq']}"
-          f"{', compile' if args['compile'] else ''}{', CUDA graph' if args['cuda_graph'] else ''}"
-          f"{', activation checkpointing' if args['grad_checkpoint'] else ''}\n")
+    print(f"\n{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch} x {args.seq}"
+          f"{', compile' if args.compile else ''}{', CUDA graph' if args.cuda_graph else ''}"
+          f"{', activation checkpointing' if args.grad_checkpoint else ''}\n")
     print("| shape | method | trainable | tok/s | step ms | peak GiB | MFU % | init s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -244,14 +263,11 @@ def main(argv=None):
             continue
         print(f"| {r['shape']} | {r['method']} | {r['trainable']:,} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | "
               f"{fmt(r['peak_gib'], '.2f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | {fmt(r['init_s'], '.2f')} |")
-    if args["json"]:
-        with open(args["json"], "w") as f:
-            json.dump(dict(args={k: v for k, v in args.items()}, gpu=gpu, torch=torch.__version__, rows=rows), f)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=asdict(args), train_args=train_args, gpu=gpu, torch=torch.__version__, rows=rows), f)
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

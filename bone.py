@@ -31,17 +31,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
+from cli import UserError
+from model import adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-5
+CUDA_GRAPH = True  # its forward keeps no per-step Python state: a step can be one CUDA graph
+GRADIENT_INIT = False  # apply() needs no gradients
+NESTED_RANKS = False  # one rank per adapter
 
 
 @dataclass
 class Config:
-    block_size: int = 64  # b
+    block_size: int = 64  # b: each R_i is b x b (it must divide every target's dimensions)
     bone_variant: str = "guided"  # guided (W'_ij = W_ij + W_ij R_i + R_i) | shared (tiled D, weight-free)
-    targets: tuple = TARGETS
+    targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
     seed: int = 0  # unused: the init is zeros
 
 
@@ -114,7 +118,7 @@ class Linear(nn.Linear):
         return A, self.bone_D.t().float()
 
 
-def apply(model, cfg: Config, grads=None, init=True):
+def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     """Freeze the model and swap every targeted nn.Linear for a Bone Linear (zeros: outputs unchanged)."""
     model.requires_grad_(False)
     return swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, name))
@@ -135,5 +139,5 @@ def merge(model):
     return merge_linears(model, Linear)
 
 
-def on_step(model, step):
+def on_step(model, cfg, step):
     pass

@@ -23,20 +23,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
+from cli import UserError
+from model import adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-4  # as LoRA's
 CUDA_GRAPH = False  # the trained rank (a slice size) changes every step, so train.py runs it without a CUDA graph
+GRADIENT_INIT = False  # apply() needs no gradients
+NESTED_RANKS = True  # one adapter usable at every rank 1..r (Config.eval_rank picks one)
 
 
 @dataclass
 class Config:
     rank: int = 16  # the largest rank r
-    alpha: float = 32.0
-    dylora_frozen: bool = True  # only the sampled b-th component trains at a step
+    alpha: float = 32.0  # the update at rank b is scaled by alpha / b
+    dylora_frozen: bool = True  # only the sampled b-th component gets a gradient (AdamW momentum still moves others)
     eval_rank: int = 0  # rank used outside training (evaluation, merge, export); 0: r
-    targets: tuple = TARGETS
+    targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
     seed: int = 0  # draws A and the per-step ranks
 
 
@@ -81,20 +84,18 @@ class Linear(nn.Linear):
         return A.float(), s * B.float()
 
 
-def apply(model, cfg: Config, grads=None, init=True):
+def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     """Freeze the model and swap every targeted nn.Linear for a DyLoRA Linear of max rank r."""
     if cfg.rank < 1 or not 0 <= cfg.eval_rank <= cfg.rank:
         raise UserError(f"--rank must be >= 1 and --eval_rank between 1 and rank (0: rank), got {cfg.rank}, {cfg.eval_rank}")
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
-    swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, gen).train(lin.training))
-    model.dylora_cfg = cfg
-    return model
+    return swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, gen).train(lin.training))
 
 
-def on_step(model, step):
+def on_step(model, cfg, step):
     """Sample this step's rank, the same for every layer."""
-    b = sample_rank(model.dylora_cfg, step)
+    b = sample_rank(cfg, step)
     for m in model.modules():
         if isinstance(m, Linear):
             m.train_rank = b

@@ -18,21 +18,24 @@ Scores:
 An adapter from train.py is applied through its method's interface and scored as trained: unmerged, under the
 training's precision policy (`--merged_dtype bfloat16` scores it merged and rounded to bf16 instead).
 """
-import argparse
 import json
 import os
 import re
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import cli
 import fetch
-import train
-from model import Llama, Tokenizer, UserError, generate
+import runs
+from cli import UserError
+from data import TEMPLATE
+from model import Llama, Tokenizer, generate
 
 SUFFIX = " Let's think step by step."  # appended to the prompt at evaluation by MetaMath, LoRA-XS, LoRA-SB, Fed-SB
 STOP = ("Instruction", "Response")  # their vLLM stop strings (which also cover "Instruction:" / "Response:")
@@ -135,39 +138,58 @@ def run_eval(model, tok, rows, template, suffix, batch_size, max_new_tokens, des
 
 def save_results(records, summary, path):
     """Per-example JSONL at `path`, the summary next to it (.summary.json); both written atomically."""
-    train.atomic_save(records, path, lambda o, p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in o)))
-    train.save_json(summary, path.replace(".jsonl", ".summary.json"))
+    runs.atomic_save(records, path, lambda o, p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in o)))
+    runs.save_json(summary, path.replace(".jsonl", ".summary.json"))
+
+
+def score(model, tok, path, limit=0, template=TEMPLATE, out="", batch_size=256, max_new_tokens=256, **meta):
+    """The GSM8K score of a model as it is (train.py and fed.py call this on the model as trained: adapters
+    unmerged, the training's precision policy) on the first `limit` problems (0: all) of `path`; the records and
+    the summary (with `meta`) are written to `out` when given."""
+    records, summary = run_eval(model.eval(), tok, load_gsm8k(path, limit), template, SUFFIX, batch_size,
+                                max_new_tokens)
+    if out:
+        save_results(records, dict(summary, data=path, **meta), out)
+    print(f"GSM8K accuracy {summary['accuracy']:.4f} on {summary['n']} problems of {path} "
+          f"(invalid {summary['invalid_rate']:.4f})" + (f"; details in {out}" if out else ""))
+    return summary
+
+
+@dataclass
+class EvalConfig:
+    model: str = fetch.DEFAULT_MODEL  # a Hugging Face folder or hub id
+    adapter: str = ""  # a train.py run folder (out/<run_name>); empty: the base model
+    data: str = "gsm8k"  # a GSM8K test.jsonl; gsm8k: GSM8K test (fetched)
+    limit: int = 0  # the first N problems only; 0: all
+    batch_size: int = 256  # prompts decoded together
+    max_new_tokens: int = 256  # generated tokens per problem at most
+    suffix: str = SUFFIX  # appended to the prompt ('' for the training prompt as is)
+    ranks: str = ""  # DyLoRA-like methods (NESTED_RANKS): score one adapter at each rank, e.g. 1,2,4,8,16
+    out: str = ""  # per-example JSONL (the summary goes to <out>.summary.json); default: <adapter>/gsm8k.jsonl
+    merged_dtype: str = ""  # score the adapter merged and cast to this dtype (bfloat16: a bf16 merged export)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=fetch.DEFAULT_MODEL, help="a Hugging Face folder or hub id")
-    ap.add_argument("--adapter", default="", help="a train.py run folder (out/<run_name>)")
-    ap.add_argument("--data", default="gsm8k", help="GSM8K test.jsonl (default: GSM8K test, fetched)")
-    ap.add_argument("--limit", type=int, default=0, help="first N problems only")
-    ap.add_argument("--batch_size", type=int, default=256)
-    ap.add_argument("--max_new_tokens", type=int, default=256)
-    ap.add_argument("--suffix", default=SUFFIX, help="appended to the prompt ('' for the training prompt as is)")
-    ap.add_argument("--ranks", default="", help="DyLoRA: score one adapter at each of these ranks, e.g. 1,2,4,8,16")
-    ap.add_argument("--out", default="", help="per-example JSONL; the summary goes to <out>.summary.json")
-    ap.add_argument("--merged_dtype", default="", help="score the adapter merged into the base and cast to this dtype "
-                    "(e.g. bfloat16: what a bf16 merged export scores) instead of as trained")
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          args.device if args.device != "auto" else "cpu")
+    argv = sys.argv[1:] if argv is None else argv
+    if cli.wants_help(argv):
+        return cli.print_help(__doc__, [("options", EvalConfig)])
+    args, = cli.parse(argv, EvalConfig())
+    if args.limit < 0:
+        raise UserError(f"--limit must be >= 0 (0: all problems), got {args.limit}")
+    if args.merged_dtype not in ("", "float32", "bfloat16", "float16"):
+        raise UserError(f"--merged_dtype must be float32, bfloat16 or float16, got {args.merged_dtype!r}")
+    device = cli.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = load_gsm8k(fetch.resolve_data(args.data, "test"), args.limit)
+    adapter = runs.load_adapter(args.adapter) if args.adapter else None
+    ranks = [int(r) for r in args.ranks.split(",") if r] or [None]
+    if ranks[0] is not None and (adapter is None or not adapter[0].NESTED_RANKS):
+        raise UserError("--ranks needs an adapter of a method trained at several ranks (DyLoRA)")
     model_path = fetch.resolve_model(args.model)
     tok = Tokenizer.from_pretrained(model_path)
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
-    template, adapter = train.TEMPLATE, None
-    if args.adapter:
-        adapter = train.load_adapter(args.adapter)
-        template = adapter[3].get("template", template)
-    ranks = [int(r) for r in args.ranks.split(",") if r] or [None]
-    if ranks[0] is not None and (adapter is None or not hasattr(adapter[1], "eval_rank")):
-        raise UserError("--ranks needs an adapter of a method trained at several ranks (DyLoRA)")
+    template = adapter[3].get("template", TEMPLATE) if adapter else TEMPLATE
     base_layers = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     out = args.out or (os.path.join(args.adapter, "gsm8k.jsonl") if args.adapter else
                        os.path.join("out", f"gsm8k_{os.path.basename(os.path.normpath(args.model))}.jsonl"))
@@ -204,7 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

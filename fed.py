@@ -56,39 +56,86 @@ import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
+import data
+import eval as ev
 import fetch
 import lora
 import lora_sb
-import train
-from model import Llama, Tokenizer, UserError, load_strict
+import runs
+import step
+from cli import UserError
+from data import DataConfig
+from model import Llama, Tokenizer, load_strict
+from step import OptimConfig
 
-FED_METHODS = {"sb": lora_sb, "fedit": lora, "ffa": lora, "fedex": lora}
+
+class Strategy(NamedTuple):
+    method: object  # the method file every client runs
+    frozen: tuple  # the method's trainable tensors this strategy keeps at their shared init (never sent)
+    up: Callable  # parameters a client sends per adapted module and round: f(r, d_in, d_out)
+    down: Callable  # parameters the server sends each sampled client per module and round
+    setup: Callable  # parameters sent to every client once, before round 1
+    residual: bool  # the server also keeps mean(B_k A_k) - mean(B) mean(A), full rank, and sends it down
+    exact: bool  # the aggregate equals the mean of the clients' updates (the model they would jointly train)
+    paper: Callable  # (up, down) per module as the Fed-SB paper counts them: f(r, d_in, d_out, K clients per round)
+
+
+def P(r, i, o):
+    return r * (i + o)  # a LoRA adapter's parameters: A (r, d_in) and B (d_out, r)
+
+
+def NONE(r, i, o):
+    return 0
+
+
+# The four strategies: what each client trains and sends, how the server aggregates (always the mean weighted by
+# the survivors' examples; FedEx adds the residual), whether that is exact, and what crosses the network in fp32.
+STRATEGIES = {
+    "sb": Strategy(lora_sb, (), lambda r, i, o: r * r, lambda r, i, o: r * r, P, False, True,
+                   lambda r, i, o, K: (r * r, r * r)),  # R; B R A is linear in R
+    "fedit": Strategy(lora, (), P, P, NONE, False, False,
+                      lambda r, i, o, K: (P(r, i, o), P(r, i, o))),  # A, B: mean(B) mean(A) != mean(B A)
+    "ffa": Strategy(lora, ("lora_A",), lambda r, i, o: r * o, lambda r, i, o: r * o, NONE, False, True,
+                    lambda r, i, o, K: (P(r, i, o) // 2, P(r, i, o) // 2)),  # B only: A stays the seeded init
+    "fedex": Strategy(lora, (), P, lambda r, i, o: P(r, i, o) + o * i, NONE, True, True,
+                      lambda r, i, o, K: (P(r, i, o), K * P(r, i, o))),  # A, B, and the residual E goes down
+}
+FED_METHODS = {k: s.method for k, s in STRATEGIES.items()}  # --method -> the method file (cli.parse_run)
 
 
 @dataclass
-class FedConfig(train.TrainConfig):
-    method: str = "sb"  # sb | fedit | ffa | fedex
-    clients: int = 10
-    rounds: int = 3
-    local_steps: int = 0  # per client and round; 0: one pass over the client's shard
-    client_frac: float = 1.0  # clients sampled per round
+class FedConfig(DataConfig, OptimConfig):
+    method: str = "sb"  # the strategy: sb (Fed-SB) | fedit | ffa | fedex (each one's options: --help)
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a Hugging Face folder or hub id (fetch.py resolves it)
+    clients: int = 10  # clients, each with its own shard of the training examples
+    rounds: int = 3  # communication rounds
+    local_steps: int = 0  # optimizer steps per client and round; 0: one pass over the client's shard
+    client_frac: float = 1.0  # the fraction of clients sampled each round (at least one)
     split: str = "iid"  # iid (shuffled equal shards) | contiguous (equal shards in file order) | dirichlet
     dirichlet_field: str = "type"  # the categorical field the Dirichlet split skews (MetaMathQA: type)
-    dirichlet_beta: float = 0.5
+    dirichlet_beta: float = 0.5  # Dirichlet concentration: smaller is more skewed
     drop_prob: float = 0.0  # each sampled client fails mid-round with this probability
     dp_epsilon: float = math.inf  # a target epsilon (> 0): DP-SGD per client; inf (the default): no privacy
     dp_delta: float = 0.0  # in (0, 1/n) for clients of n examples; 0 (the default): min(1e-5, n^-1.1) per client
     dp_clip: float = 0.1  # C, the per-example L2 clip (> 0)
     dp_accountant: str = "rdp"  # rdp | prv (Opacus's)
     dp_seed: int = -1  # -1: DP noise and sampling from OS entropy; >= 0: reproducible, which VOIDS the guarantee
-    sb_init_data: str = ""  # a public file for LoRA-SB's central init; default: the pooled training data
-    eval_gsm8k: int = 0  # after the last round, GSM8K accuracy on the first N problems of --test_data (default GSM8K)
-    out_dir: str = "out/fed"
+    sb_init_data: str = ""  # a public file for LoRA-SB's central init; empty: the pooled training data
+    eval_gsm8k: int = 0  # after the last round, GSM8K accuracy on the first N problems of --test_data; 0: none
+    test_data: str = "gsm8k"  # the GSM8K test file of --eval_gsm8k; gsm8k: GSM8K test (fetched)
+    seed: int = 0  # shards, client sampling, data order and the method's draws
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    dtype: str = "bfloat16"  # of the frozen base on CUDA (CPU always runs fp32)
+    out_dir: str = "out/fed"  # runs go to <out_dir>/<run_name>
+    run_name: str = ""  # default: the strategy name
+    resume: bool = False  # continue <out_dir>/<run_name> after its last completed round
 
 
 class ClientDropped(Exception):
@@ -135,26 +182,19 @@ def split_clients(n, cfg: FedConfig, labels=None):
 
 def communication(model, cfg: FedConfig, mcfg):
     """Parameters and bytes per client per round, up and down, and the one-time setup download, as fed.py sends
-    them (all fp32); and under "paper", the parameters as the Fed-SB paper counts them, so its ratios can be
-    checked: FFA-LoRA P/2 each way, FedEx-LoRA's download K P (K clients per round), no setup."""
-    P = up = down = setup = 0  # P = sum over modules of r (d_in + d_out): a LoRA adapter's size
+    them (all fp32, from the strategy's table row and the base model's module shapes); and under "paper", the
+    parameters as the Fed-SB paper counts them, so its ratios can be checked."""
+    s, K = STRATEGIES[cfg.method], max(1, math.ceil(cfg.client_frac * cfg.clients))
+    up = down = setup = paper_up = paper_down = 0
     for name, m in model.named_modules():
         if type(m) is not torch.nn.Linear or name.split(".")[-1] not in mcfg.targets:
             continue
-        d_out, d_in, r = m.out_features, m.in_features, mcfg.rank
-        P += r * (d_in + d_out)
-        if cfg.method == "sb":
-            up, down, setup = up + r * r, down + r * r, setup + r * (d_in + d_out)
-        elif cfg.method == "ffa":
-            up, down = up + r * d_out, down + r * d_out
-        else:
-            up, down = up + r * (d_in + d_out), down + r * (d_in + d_out)
-            if cfg.method == "fedex":  # the full-rank residual of every adapted weight, in fp32
-                down += d_out * d_in
-    K = max(1, math.ceil(cfg.client_frac * cfg.clients))
-    paper = dict(sb=(up, down), fedit=(P, P), ffa=(P // 2, P // 2), fedex=(P, K * P))[cfg.method]
+        shape = (mcfg.rank, m.in_features, m.out_features)  # r, d_in, d_out
+        up, down, setup = up + s.up(*shape), down + s.down(*shape), setup + s.setup(*shape)
+        pu, pd = s.paper(*shape, K)
+        paper_up, paper_down = paper_up + pu, paper_down + pd
     return dict(up_params=up, down_params=down, setup_down_params=setup, up_bytes=4 * up, down_bytes=4 * down,
-                setup_down_bytes=4 * setup, paper=dict(up_params=paper[0], down_params=paper[1], setup_down_params=0))
+                setup_down_bytes=4 * setup, paper=dict(up_params=paper_up, down_params=paper_down, setup_down_params=0))
 
 
 def print_communication(comm):
@@ -197,7 +237,7 @@ def fedex_residuals(model):
 def aggregate(model, cfg: FedConfig, states, weights):
     """The new global trainable state from this round's client states (name -> tensor), weights summing to 1."""
     new = {n: sum(w * s[n].float() for s, w in zip(states, weights)) for n in states[0]}
-    if cfg.method == "fedex":  # add the part of mean(B_k A_k) that mean(B) mean(A) misses to E, in fp32
+    if STRATEGIES[cfg.method].residual:  # add the part of mean(B_k A_k) that mean(B) mean(A) misses to E, in fp32
         for name, E in fedex_residuals(model).items():
             A, B, dev = f"{name}.lora_A", f"{name}.lora_B", E.device
             mean_BA = sum(w * s[B].to(dev, torch.float32) @ s[A].to(dev, torch.float32)
@@ -330,7 +370,7 @@ def per_example_grads(model, params, x, y):
     from torch.func import functional_call, grad, vmap
 
     def loss(p, xi, yi):
-        logits = functional_call(model, p, (xi[None],))[0].float()  # (T, V)
+        logits = functional_call(model, p, (xi[None],))[0][0].float()  # (1, T, V) -> (T, V)
         return F.cross_entropy(logits, yi, ignore_index=-100, reduction="sum") / (yi != -100).sum()
     return vmap(grad(loss), in_dims=(None, 0, 0))({n: p.detach() for n, p in params.items()}, x, y)
 
@@ -351,43 +391,40 @@ def noisy_mean(summed, sigma, C, expected_batch, gen):
 # -----------------------------------------------------------------------------
 # one client's round
 
-def local_train(model, cfg: FedConfig, data, shard, steps, seed, pad_id, dp=None, fail_at=None):
-    """Train the model's trainable tensors on one shard; returns them (CPU copies). dp: (sigma, q) or None."""
+def local_train(model, cfg: FedConfig, seqs, shard, steps, seed, pad_id, dp=None, fail_at=None):
+    """Train the model's trainable tensors on one shard (indices into seqs, the tokenized examples) from a fresh
+    AdamW; returns them (CPU copies). Without privacy each step is train.py's (step.make_step: packed micro-batches,
+    the mean over the step's target tokens, clipping); dp = (sigma, q): DP-SGD's step instead."""
     params = trainable(model)
     dev = next(iter(params.values())).device
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=dev.type == "cuda")
+    opt = step.make_optimizer(list(params.values()), cfg, dev)
+    train_step = step.make_step(model, opt, list(params.values()), cfg.grad_clip)
     gen = dp_generator(cfg.dp_seed, seed) if dp else None
     micro = cfg.micro_batch_size or cfg.batch_size
     model.train()
-    for step in range(steps):
-        if step == fail_at:
+    for it in range(steps):
+        if it == fail_at:
             raise ClientDropped
-        for g in opt.param_groups:
-            g["lr"] = train.get_lr(step, cfg, steps)
-        if dp is None:  # train.py's step: packed micro-batches, mean over the step's target tokens
-            idxs = [shard[i] for i in train.example_order(len(shard), seed, step * cfg.batch_size, cfg.batch_size)]
-            batches, n_tgt, _ = train.micro_batches(data, idxs, micro, cfg.max_len, pad_id)
-            for x, y, pos in batches:
-                with train.autocast(dev):
-                    loss = model(x.to(dev), y.to(dev), pos.to(dev)) * ((y != -100).sum().item() / n_tgt)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
-        else:  # DP-SGD: Poisson sampling, per-example clipping, one noise draw for the logical batch
-            sigma, q = dp
-            chosen = [shard[i] for i in (torch.rand(len(shard), generator=gen) < q).nonzero().flatten().tolist()]
-            summed = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-            for j in range(0, len(chosen), micro):
-                rows = [train.pack([data[i]], cfg.max_len, pad_id) for i in chosen[j:j + micro]]
-                T = max(x.shape[1] for x, _, _ in rows)
-                x = torch.cat([F.pad(x, (0, T - x.shape[1]), value=pad_id) for x, _, _ in rows]).to(dev)
-                y = torch.cat([F.pad(y, (0, T - y.shape[1]), value=-100) for _, y, _ in rows]).to(dev)
-                with train.autocast(dev):
-                    g = per_example_grads(model, params, x, y)
-                for n, v in clip_per_example(g, cfg.dp_clip).items():
-                    summed[n] += v.float()
-            for n, v in noisy_mean(summed, sigma, cfg.dp_clip, q * len(shard), gen).items():
-                params[n].grad = v.to(params[n].dtype)
+        step.set_lr(opt, step.get_lr(it, cfg, steps))
+        if dp is None:
+            idxs = [shard[i] for i in data.example_order(len(shard), seed, it * cfg.batch_size, cfg.batch_size)]
+            train_step(*data.micro_batches(seqs, idxs, micro, cfg.max_len, pad_id)[:2])
+            continue
+        # DP-SGD: Poisson sampling, per-example clipping, one noise draw for the logical batch
+        sigma, q = dp
+        chosen = [shard[i] for i in (torch.rand(len(shard), generator=gen) < q).nonzero().flatten().tolist()]
+        summed = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        for j in range(0, len(chosen), micro):  # one example per row (no packing): per-example gradients
+            rows = [data.pack([seqs[i]], cfg.max_len, pad_id) for i in chosen[j:j + micro]]
+            T = max(x.shape[1] for x, _, _ in rows)
+            x = torch.cat([F.pad(x, (0, T - x.shape[1]), value=pad_id) for x, _, _ in rows]).to(dev)  # (N, T)
+            y = torch.cat([F.pad(y, (0, T - y.shape[1]), value=-100) for _, y, _ in rows]).to(dev)  # (N, T)
+            with step.autocast(dev):
+                g = per_example_grads(model, params, x, y)  # {name: (N, *shape)}
+            for n, v in clip_per_example(g, cfg.dp_clip).items():
+                summed[n] += v.float()
+        for n, v in noisy_mean(summed, sigma, cfg.dp_clip, q * len(shard), gen).items():
+            params[n].grad = v.to(params[n].dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
@@ -396,13 +433,13 @@ def local_train(model, cfg: FedConfig, data, shard, steps, seed, pad_id, dp=None
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
+    # set-up: the config (a resumed run's own, then this command line), processes, device, files
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(__doc__)
-        for k, v in asdict(FedConfig()).items():
-            print(f"  --{k}={v!r}")
-        return None
-    cfg, mcfg = train.parse_args(argv, cls=FedConfig, methods=FED_METHODS)
+    if cli.wants_help(argv):
+        return cli.print_help(__doc__, [("federated", FedConfig), ("data", DataConfig), ("optimizer (each client's)", OptimConfig)] +
+                              [(f"{m.__name__}.py options (--method {', '.join(k for k, s in STRATEGIES.items() if s.method is m)})",
+                                m.Config) for m in dict.fromkeys(s.method for s in STRATEGIES.values())])
+    cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS)
     run_dir = os.path.join(cfg.out_dir, cfg.run_name or cfg.method)
     state_path = os.path.join(run_dir, "fed_state.pt")
     saved = None
@@ -410,87 +447,61 @@ def main(argv=None):
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no federated state at {state_path}")
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        cfg, mcfg = train.parse_args(argv, dict(train=saved["config"], method_config=saved["method_config"]),
-                                     cls=FedConfig, methods=FED_METHODS)  # the run's settings, then this command line
+        cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS,  # the run's settings, then this command line
+                                  dict(train=saved["config"], method_config=saved["method_config"]))
     check_dp_options(cfg)
+    strategy = STRATEGIES[cfg.method]
+    method = strategy.method
+    cfg.lr = cfg.lr or method.DEFAULT_LR
     private = cfg.dp_epsilon < math.inf
-    cfg.lr = cfg.lr or FED_METHODS[cfg.method].DEFAULT_LR
-    method = FED_METHODS[cfg.method]
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          cfg.device if cfg.device != "auto" else "cpu")
-    distributed, rank, world, device = train.init_distributed(device)
+    distributed, rank, world, device = step.init_distributed(cli.device(cfg.device))
     dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
     cfg.val_size = (32 if device.type == "cpu" else 256) if cfg.val_size < 0 else cfg.val_size
     torch.manual_seed(cfg.seed)
     os.makedirs(run_dir, exist_ok=True)
-    if rank > 0:
-        dist.barrier()  # rank 0 fetches first (downloads into the cache); the others then read its cache
-    model_path, data_path = fetch.resolve_model(cfg.model), fetch.resolve_data(cfg.data, "train")
-    if distributed and rank == 0:
-        dist.barrier()
+    with step.rank0_first(distributed, rank):  # downloads into the cache, once
+        model_path, data_path = fetch.resolve_model(cfg.model), fetch.resolve_data(cfg.data, "train")
+        test_path = fetch.resolve_data(cfg.test_data, "test") if cfg.eval_gsm8k else ""
 
-    # data: the held-out split of train.py, then client shards of the rest
+    # data: train.py's held-out split, then client shards of the rest
     tok = Tokenizer.from_pretrained(model_path)
-    examples = train.load_examples(data_path)[:cfg.data_limit or None]
-    if cfg.val_data:
-        train_idx, val_ex = list(range(len(examples))), train.load_examples(cfg.val_data)
-    else:
-        train_idx, val_idx = train.heldout_split(len(examples), cfg.val_size, data_path)
-        val_ex = [examples[i] for i in val_idx]
+    train_ex, val_ex, train_idx = data.splits(cfg, data_path)
     labels = None
     if cfg.split == "dirichlet":
-        labels = read_field(data_path, cfg.dirichlet_field)[:len(examples)]
+        labels = read_field(data_path, cfg.dirichlet_field)
         labels = [labels[i] for i in train_idx]
-    data, _ = train.tokenize([examples[i] for i in train_idx], tok, cfg.template, cfg.max_len)
-    val, _ = train.tokenize(val_ex, tok, cfg.template, cfg.max_len)
-    micro = cfg.micro_batch_size or cfg.batch_size
-    val_batches = [train.pack(val[j:j + micro], cfg.max_len, tok.pad_id) for j in range(0, len(val), micro)]
-    shards = split_clients(len(data), cfg, labels)
+    seqs, _ = data.tokenize(train_ex, tok, cfg.template, cfg.max_len)  # [(ids, n_prompt)]
+    val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
+    val_batches = data.eval_batches(val, cfg.micro_batch_size or cfg.batch_size, cfg.max_len, tok.pad_id)
+    shards = split_clients(len(seqs), cfg, labels)
     steps = [cfg.local_steps or math.ceil(len(s) / cfg.batch_size) for s in shards]
     dp = None  # privacy_plan's errors come before the model loads
     if private or (saved is not None and saved["dp"] is not None):
         dp = privacy_plan(cfg, shards, steps, saved)
 
+    # the model and the global adapter: a gradient init (LoRA-SB) is computed once, centrally, and shared
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
-    if saved is None:
-        base_loss = train.evaluate(model, val_batches)
+    base_loss = step.evaluate(model, val_batches) if saved is None else None
     grads = None
-    if saved is None and cfg.method == "sb":  # LoRA-SB's init: once, centrally, shared by every client
-        init_ex = data if not cfg.sb_init_data else train.tokenize(
-            train.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
-        mcfg.lr_1 = mcfg.lr_1 or train.get_lr(0, cfg, steps[0])
-        idxs = train.example_order(len(init_ex), cfg.seed, 0, mcfg.init_samples)
-        batches, n_tgt, _ = train.micro_batches(init_ex, idxs, micro, cfg.max_len, tok.pad_id, False, rank, world)
-        grads = train.init_grads(model, batches, mcfg.targets, mcfg.init_offload, n_tgt)
-        if distributed:  # as in train.py: each process's share of the init examples, summed
-            train.all_reduce_sum(grads.values(), device)
+    if saved is None and method.GRADIENT_INIT:
+        init_seqs = seqs if not cfg.sb_init_data else data.tokenize(
+            data.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
+        grads = step.gradient_init(model, method, mcfg, init_seqs, cfg, tok.pad_id, rank, world)
     comm = communication(model, cfg, mcfg)  # from the base model's module shapes
-    method.apply(model, mcfg, grads, init=saved is None)
-    if cfg.method == "ffa":  # FFA-LoRA: A stays at its (seeded, shared) init; only B trains
-        for m in model.modules():
-            if isinstance(m, lora.Linear):
-                m.lora_A.requires_grad_(False)
-    if cfg.method == "fedex":  # the residuals live beside the base weights, which never change
+    method.apply(model, mcfg, grads, init=saved is None, first_lr=step.get_lr(0, cfg, steps[0]))
+    for name, p in model.named_parameters():  # what the strategy keeps at its shared init (FFA-LoRA: A)
+        if name.rsplit(".", 1)[-1] in strategy.frozen:
+            p.requires_grad_(False)
+    if strategy.residual:  # FedEx: the residuals live beside the base weights, which never change
         add_fedex_residuals(model)
     if saved is not None:  # the global state after the last completed round (and FedEx's residuals)
         method.load_adapter_state_dict(model, saved["adapter"])
         load_strict(fedex_residuals(model), saved["residual"])
     global_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
-
     if dp:
-        ran = saved["round"] if saved else 0
-        left = max(0, cfg.rounds - ran)
-        print(f"DP-SGD: noise multiplier {dp['sigma']:.4f}" + (" (the run's own)" if saved else "") + f", clip "
-              f"{cfg.dp_clip}; per client at delta <= {max(dp['delta']):.2e} ({cfg.dp_accountant}): epsilon "
-              f"{max(epsilons(dp, cfg)):.4f} spent in {ran} rounds, <= "
-              f"{max(epsilons(dp, cfg, [s * left for s in steps])):.4f} after all {cfg.rounds}")
-        if cfg.dp_seed >= 0:
-            print(f"warning: --dp_seed {cfg.dp_seed} makes the DP noise reproducible from the saved settings: the "
-                  f"privacy guarantee is void (for tests only)")
-        if cfg.method == "sb" and not cfg.sb_init_data:
-            print("note: LoRA-SB's initialisation gradients come from the clients' data and are NOT private; pass "
-                  "--sb_init_data with public data for an end-to-end guarantee")
+        print_privacy(dp, cfg, saved, steps)
 
+    # the rounds: sampled clients train from the global state; the survivors' states are aggregated
     log = saved["log"] if saved else [dict(round=0, val_loss=base_loss, base_model=True)]
     totals = saved["totals"] if saved else dict(up_bytes=0, down_bytes=comm["setup_down_bytes"] * cfg.clients,
                                                 up_params=0, down_params=comm["setup_down_params"] * cfg.clients)
@@ -506,7 +517,7 @@ def main(argv=None):
             load_state(model, global_state)  # every client starts from the same global adapter
             try:
                 seed = cfg.seed + 7919 * (rnd * cfg.clients + k)
-                done.append((k, local_train(model, cfg, data, shards[k], steps[k], seed, tok.pad_id,
+                done.append((k, local_train(model, cfg, seqs, shards[k], steps[k], seed, tok.pad_id,
                                             dp and (dp["sigma"], dp["q"][k]), fails.get(k))))
             except ClientDropped:
                 done.append((k, None))
@@ -530,32 +541,27 @@ def main(argv=None):
         totals = dict(up_params=totals["up_params"] + up, down_params=totals["down_params"] + down,
                       up_bytes=totals["up_bytes"] + comm["up_bytes"] * len(states),
                       down_bytes=totals["down_bytes"] + comm["down_bytes"] * len(picked))
-        log.append(dict(round=rnd + 1, clients=picked, survivors=len(states), val_loss=train.evaluate(model, val_batches),
+        log.append(dict(round=rnd + 1, clients=picked, survivors=len(states), val_loss=step.evaluate(model, val_batches),
                         up_params=up, down_params=down, seconds=round(time.time() - t0, 2)))
         print(f"round {rnd + 1}/{cfg.rounds}: {len(states)}/{len(picked)} clients, held-out loss "
               f"{log[-1]['val_loss']:.4f}, {up:,} parameters up, {down:,} down")
         if rank == 0:
             residual = {n: E.cpu() for n, E in fedex_residuals(model).items()}
-            train.atomic_save(dict(round=rnd + 1, adapter=method.adapter_state_dict(model), residual=residual,
-                                   dp=dp and dict(sigma=dp["sigma"], history=dp["history"], sizes=dp["sizes"]),
-                                   log=log, totals=totals, config=asdict(cfg), method_config=asdict(mcfg)),
-                              state_path, torch.save)
+            runs.atomic_save(dict(round=rnd + 1, adapter=method.adapter_state_dict(model), residual=residual,
+                                  dp=dp and dict(sigma=dp["sigma"], history=dp["history"], sizes=dp["sizes"]),
+                                  log=log, totals=totals, config=asdict(cfg), method_config=asdict(mcfg)),
+                             state_path, torch.save)
 
-    if distributed:  # the rest (the GSM8K score, the summary) on rank 0 alone; every rank holds the same model
-        dist.barrier()  # first, every rank's last collective completes (gloo aborts a process that exits mid-send)
-        dist.destroy_process_group()
-        if rank > 0:
-            return None
+    # the end: rank 0 alone scores the global model as trained (adapters unmerged, the training's precision)
+    if distributed and not step.finish_distributed():
+        return None
     privacy = dp and dict(epsilon=max(epsilons(dp, cfg)), delta=max(dp["delta"]), target_epsilon=cfg.dp_epsilon,
                           noise_multiplier=dp["sigma"], clip=cfg.dp_clip, accountant=cfg.dp_accountant)
     summary = dict(method=cfg.method, rank=mcfg.rank, clients=cfg.clients, rounds=cfg.rounds, split=cfg.split,
                    per_client_per_round=comm, total=totals, final_val_loss=log[-1]["val_loss"], dp=privacy, log=log)
     if cfg.eval_gsm8k:
-        import eval as ev  # the global model as trained: adapters unmerged, the training's precision policy
-        test = fetch.resolve_data("gsm8k" if cfg.test_data in ("", "auto") else cfg.test_data, "test")
-        _, s = ev.run_eval(model.eval(), tok, ev.load_gsm8k(test, cfg.eval_gsm8k), cfg.template, ev.SUFFIX, 256, 256)
-        summary["gsm8k"] = s
-    train.save_json(summary, os.path.join(run_dir, "summary.json"))
+        summary["gsm8k"] = ev.score(model, tok, test_path, cfg.eval_gsm8k, cfg.template)
+    runs.save_json(summary, os.path.join(run_dir, "summary.json"))
     print_communication(comm)
     print(f"total over {cfg.rounds} rounds, all clients: {totals['up_bytes'] + totals['down_bytes']:,} bytes "
           f"({totals['up_params']:,} parameters up, {totals['down_params']:,} down); final held-out loss "
@@ -566,8 +572,20 @@ def main(argv=None):
     return summary
 
 
+def print_privacy(dp, cfg, saved, steps):
+    ran = saved["round"] if saved else 0
+    left = max(0, cfg.rounds - ran)
+    print(f"DP-SGD: noise multiplier {dp['sigma']:.4f}" + (" (the run's own)" if saved else "") + f", clip "
+          f"{cfg.dp_clip}; per client at delta <= {max(dp['delta']):.2e} ({cfg.dp_accountant}): epsilon "
+          f"{max(epsilons(dp, cfg)):.4f} spent in {ran} rounds, <= "
+          f"{max(epsilons(dp, cfg, [s * left for s in steps])):.4f} after all {cfg.rounds}")
+    if cfg.dp_seed >= 0:
+        print(f"warning: --dp_seed {cfg.dp_seed} makes the DP noise reproducible from the saved settings: the "
+              f"privacy guarantee is void (for tests only)")
+    if STRATEGIES[cfg.method].method.GRADIENT_INIT and not cfg.sb_init_data:
+        print("note: LoRA-SB's initialisation gradients come from the clients' data and are NOT private; pass "
+              "--sb_init_data with public data for an end-to-end guarantee")
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import zipfile
 
-from model import UserError
+from cli import UserError
 
 CACHE = os.path.expanduser(os.environ.get("NANOPEFT_CACHE", "~/.cache/nanopeft"))
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"

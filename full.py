@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from model import load_strict
 
 DEFAULT_LR = 2e-5  # full fine-tuning learning rate used by MetaMath-style math SFT
+CUDA_GRAPH = True  # its forward keeps no per-step Python state: a step can be one CUDA graph
+GRADIENT_INIT = False  # apply() needs no gradients
+NESTED_RANKS = False  # one rank per adapter
 
 
 @dataclass
@@ -20,7 +23,7 @@ class Config:
 Linear = None  # no adapted layers
 
 
-def apply(model, cfg: Config, grads=None, init=True):
+def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     model.float().requires_grad_(True)  # fp32 masters (RoPE frequencies stay fp32 regardless)
     return model
 
@@ -40,5 +43,5 @@ def merge(model):
     return model
 
 
-def on_step(model, step):
+def on_step(model, cfg, step):
     pass

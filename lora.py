@@ -18,19 +18,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
+from cli import UserError
+from model import adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-4  # a common LoRA learning rate for 7B-scale math fine-tuning
+CUDA_GRAPH = True  # its forward keeps no per-step Python state: a step can be one CUDA graph
+GRADIENT_INIT = False  # apply() needs no gradients
+NESTED_RANKS = False  # one rank per adapter
 
 
 @dataclass
 class Config:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    rslora: bool = False
-    targets: tuple = TARGETS
+    rank: int = 16  # r, the rank of B A
+    alpha: float = 32.0  # the update is scaled by s = alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input x (training only)
+    rslora: bool = False  # s = alpha / sqrt(r) (rsLoRA) instead of alpha / r
+    targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
     seed: int = 0  # draws A
 
 
@@ -64,7 +68,7 @@ class Linear(nn.Linear):
         return self.lora_A.float(), self.scale * self.lora_B.float()
 
 
-def apply(model, cfg: Config, grads=None, init=True):
+def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     """Freeze the model and swap every targeted nn.Linear for a LoRA Linear (init=False: the same layers, to be
     filled by load_adapter_state_dict; drawing A is cheap, so it is drawn anyway)."""
     if cfg.rank < 1:
@@ -89,5 +93,5 @@ def merge(model):
     return merge_linears(model, Linear)
 
 
-def on_step(model, step):
+def on_step(model, cfg, step):
     pass

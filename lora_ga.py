@@ -38,24 +38,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_xs import truncated_svd
-from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
+from cli import UserError
+from model import adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-5  # the paper's
+CUDA_GRAPH = True  # its forward keeps no per-step Python state: a step can be one CUDA graph
+GRADIENT_INIT = True  # apply() needs the fp32 gradients of Config.init_samples examples
+NESTED_RANKS = False  # one rank per adapter
 
 
 @dataclass
 class Config:
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 8  # r, the rank of B A (the init uses 2r singular vectors)
+    alpha: float = 16.0  # the update is scaled by s = alpha / sqrt(r) (or alpha / r, --rslora false)
     gamma: float = 16.0  # stable scaling: A0, B0 are multiplied by d_out^(1/4) / sqrt(gamma)
     rslora: bool = True  # s = alpha / sqrt(r) (the paper's Algorithm 1); false: alpha / r (the official example)
     direction: str = "ArB2r"  # which singular vectors: ArB2r (paper) | A2rBr | ArBr | random (official options)
     init_samples: int = 64  # training examples whose mean gradient defines the init (official example: 128)
     init_offload: bool = False  # accumulate init gradients on the CPU (large models)
     svd: str = "exact"  # exact | lowrank (randomized, q = 2r + 16)
-    svd_niter: int = 4
-    targets: tuple = TARGETS
+    svd_niter: int = 4  # power iterations of --svd lowrank
+    targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
     seed: int = 0  # the randomized SVD's sketch
 
 
@@ -110,7 +114,7 @@ class Linear(nn.Linear):
         return A, B
 
 
-def apply(model, cfg: Config, grads=None, init=True):
+def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     """Freeze the model; wrap every targeted nn.Linear as LoRA initialised from the SVD of its gradient.
     `grads` (module name -> fp32 gradient) is consumed as layers are built. init=False builds zero layers for
     load_adapter_state_dict."""
@@ -156,5 +160,5 @@ def merge(model):
     return merge_linears(model, Linear)
 
 
-def on_step(model, step):
+def on_step(model, cfg, step):
     pass

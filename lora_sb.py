@@ -34,27 +34,31 @@ from dataclasses import dataclass
 
 import torch
 
+from cli import UserError
 # the layer, its state and its merge are LoRA-XS's: only the initialisation differs
 from lora_xs import TARGETS, Linear, adapter_state_dict, load_adapter_state_dict, merge, on_step, truncated_svd  # noqa: F401
-from model import UserError, swap_linears
+from model import swap_linears
 
 # Measured on SmolLM2-135M-Instruct, GSM8K, r = 64, batch 16, 14 warm-up steps (held-out loss right after the
 # init / after one epoch; base 1.437): lr 1e-3: 1.246 / 0.896, 3e-3: 1.381 / 0.864, 1e-2: 2.893 / 0.853.
 # R wants a larger lr than LoRA-XS's (orthonormal B, A do not carry W0's singular values), but lr_1 = lr / warm-up
 # also sizes the init step -lr_1 sign(G), which hurts beyond ~2e-4; 3e-3 balances the two (or set --lr_1).
 DEFAULT_LR = 3e-3
+CUDA_GRAPH = True  # its forward keeps no per-step Python state: a step can be one CUDA graph
+GRADIENT_INIT = True  # apply() needs the fp32 gradients of Config.init_samples examples
+NESTED_RANKS = False  # one rank per adapter
 
 
 @dataclass
 class Config:
-    rank: int = 64
+    rank: int = 64  # r: R is r x r
     init_samples: int = 64  # training examples whose gradient defines the first update (paper: 50)
     sb_update: str = "sign"  # sign: -lr_1 sign(G) (Adam's first step) | grad: -lr_1 G (SGD's)
-    lr_1: float = 0.0  # the first step's learning rate; 0: train.py sets it from the schedule
+    lr_1: float = 0.0  # the init step's learning rate; 0: the run's first optimizer step's (apply's first_lr)
     init_offload: bool = False  # accumulate init gradients on the CPU (large models)
     svd: str = "lowrank"  # lowrank (randomized, power iterations) | exact
-    svd_niter: int = 4
-    targets: tuple = TARGETS
+    svd_niter: int = 4  # power iterations of --svd lowrank
+    targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
     seed: int = 0  # the randomized SVD's sketch
 
 
@@ -67,13 +71,16 @@ def first_update(G, cfg: Config):
     raise UserError(f"--sb_update must be sign or grad, got {cfg.sb_update!r}")
 
 
-def apply(model, cfg: Config, grads=None, init=True):
-    """Freeze the model; wrap every targeted nn.Linear with B, R0, A from the truncated SVD of its first update.
-    `grads` maps module names to fp32 gradients; each is consumed (popped) as soon as its layer is built, so
-    their memory is released during the init. init=False builds zero layers for load_adapter_state_dict."""
+def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
+    """Freeze the model; wrap every targeted nn.Linear with B, R0, A from the truncated SVD of its first update,
+    dW = -lr_1 sign(G) with lr_1 = cfg.lr_1, or first_lr (the run's first optimizer step) if that is 0. `grads`
+    maps module names to fp32 gradients; each is consumed (popped) as soon as its layer is built, so their memory
+    is released during the init. init=False builds zero layers for load_adapter_state_dict."""
     r = cfg.rank
     if init and grads is None:
         raise UserError("LoRA-SB initialises from gradients: run it through train.py (init_samples > 0)")
+    if init:
+        cfg.lr_1 = cfg.lr_1 or first_lr  # recorded in the config, so the run's config.json says what was used
     if init and cfg.lr_1 <= 0:
         raise UserError("LoRA-SB needs lr_1 > 0, the learning rate of the first optimizer step")
     if init and cfg.sb_update == "sign" and cfg.lr_1 > 1e-3:

@@ -21,20 +21,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError, adapted_linear, load_strict, merge_linears, swap_linears
+from cli import UserError
+from model import adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 4e-3  # the official math setting (r = 64); R is tiny, so it takes a large learning rate
+CUDA_GRAPH = True  # its forward keeps no per-step Python state: a step can be one CUDA graph
+GRADIENT_INIT = False  # apply() needs no gradients
+NESTED_RANKS = False  # one rank per adapter
 
 
 @dataclass
 class Config:
-    rank: int = 64
+    rank: int = 64  # r: R is r x r
     alpha: float = 0.0  # 0: alpha = rank, i.e. s = 1
     init_std: float = 1e-5  # R ~ N(0, init_std^2)
     svd: str = "exact"  # exact | lowrank (randomized, `svd_niter` power iterations)
-    svd_niter: int = 4
-    targets: tuple = TARGETS
+    svd_niter: int = 4  # power iterations of --svd lowrank
+    targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
     seed: int = 0  # draws R (and the randomized SVD's test matrix)
 
 
@@ -83,7 +87,7 @@ class Linear(nn.Linear):
         return self.lora_A.float(), self.scale * self.lora_B.float() @ self.lora_R.float()
 
 
-def apply(model, cfg: Config, grads=None, init=True):
+def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     """Freeze the model; wrap every targeted nn.Linear with B, A from its own SVD and a small random R.
     init=False builds the layers only (zeros), to be filled by load_adapter_state_dict."""
     r, scale = cfg.rank, (cfg.alpha or cfg.rank) / cfg.rank
@@ -120,5 +124,5 @@ def merge(model):
     return merge_linears(model, Linear)
 
 
-def on_step(model, step):
+def on_step(model, cfg, step):
     pass

@@ -20,13 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-# SDPA's cuDNN backend (preferred by torch 2.11 on Hopper) spends ~4.5 ms of CPU per call building its plan,
-# more than the whole GPU work of a layer here; flash (causal) and memory-efficient (masked) kernels do not.
-torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-class UserError(Exception):
-    """Bad input (a missing file, an unsupported config, ...): the command-line tools print it as one line."""
+from cli import UserError
 
 
 # -----------------------------------------------------------------------------
@@ -316,8 +310,11 @@ class Llama(nn.Module):
         return self
 
     def forward(self, idx, targets=None, pos=None, cache=None):
-        """idx (B, T) token ids. Returns logits (B, T, V), or with `targets` (-100 = no loss) the mean
-        cross-entropy, or with a `cache` the logits of the last position (B, V).
+        """idx (B, T) token ids. Returns (logits, loss), as nanoGPT's model does:
+        - with `targets` (B, T) (-100: no loss): (None, the mean cross-entropy over the targets); the (B*T, V)
+          logits are never held whole (ChunkedCrossEntropy);
+        - without: (logits (B, T, V), None); with a KV `cache` (generation) only the last position's, (B, 1, V)
+          in fp32, since nothing else is read.
         pos (B, T): positions; where a row packs several examples, pos restarts at 0 for each, and attention
         never crosses from one example into another."""
         B, T = idx.shape
@@ -351,14 +348,11 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if cache is not None:
             cache.len += T if cache.slot is None else 0
-            return self.lm_head(x[:, -1]).float()  # (B, V)
+            return self.lm_head(x[:, -1:]).float(), None  # (B, 1, V)
         if targets is None:
-            return self.lm_head(x)
+            return self.lm_head(x), None  # (B, T, V)
         h, t = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
-        if not h.is_cuda:  # the CPU never captures a graph: drop rows without a target (prompt, padding) first
-            keep = t != -100
-            h, t = h[keep], t[keep]
-        return ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, self.loss_chunk, self.ce_chunk)
+        return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, self.loss_chunk, self.ce_chunk)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16):
@@ -419,7 +413,6 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, as in the checkpoint
         model.inv_freq = rope_inv_freq(cfg).to(device)
-        model.source = path
         return model.eval().requires_grad_(False)
 
 
@@ -484,7 +477,7 @@ def load_strict(own, sd):
 def merge_linears(model, cls):
     """Replace every `cls` layer by a plain nn.Linear holding its merged_weight() in fp32 (fp64 on an fp64 model).
     It is not cast back to a bf16 base's dtype: that would round most of a small update away (see save_hf in
-    train.py, which measures it before choosing an export dtype)."""
+    runs.py, which measures it before choosing an export dtype)."""
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, cls):
@@ -575,7 +568,7 @@ def capture_decode(model, cache, tok, pos):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model(tok, pos=pos, cache=cache)
+        logits = model(tok, pos=pos, cache=cache)[0][:, -1]  # (B, V)
     return graph, tok, pos, logits
 
 
@@ -607,7 +600,7 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     out, done, rows = [[] for _ in range(B)], [False] * B, list(range(B))  # rows: live row -> prompt index
     has_stop = lambda b: any(s in tokenizer.decode(out[b][-stop_every - 16:]) for s in stop)
-    logits = model(idx, pos=pos, cache=cache)  # prefill: (B, V)
+    logits = model(idx, pos=pos, cache=cache)[0][:, -1]  # prefill: (B, V)
     cache.slot = torch.full((1,), P, device=device)  # from here on, one token per step at a device-side slot
     next_pos, graph = pos[:, -1:] + 1, None  # (B, 1)
     use_graph = cuda_graph and device.type == "cuda"
@@ -646,7 +639,7 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
             graph.replay()
             logits = g_logits
         else:
-            logits = model(nxt[:, None], pos=next_pos, cache=cache)
+            logits = model(nxt[:, None], pos=next_pos, cache=cache)[0][:, -1]  # (rows, V)
         cache.slot += 1
         next_pos = next_pos + 1
     return out

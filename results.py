@@ -15,9 +15,11 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
+import cli
 import eval as ev
-from model import UserError
+from cli import UserError
 
 RUNS = {  # name: train.py flags beyond the shared ones (each method's own defaults otherwise)
     "full": ["--method", "full"],
@@ -29,20 +31,34 @@ RUNS = {  # name: train.py flags beyond the shared ones (each method's own defau
     "bone-shared": ["--method", "bone", "--bone_variant", "shared"],
     "dylora": ["--method", "dylora"],
 }
-DYLORA_RANKS = "1,2,4,8,16"
+DYLORA_RANKS = "1,2,4,8,16"  # the ranks a run of a method with NESTED_RANKS is scored at
 
 
-def run(name, args):
-    out = os.path.join(args["out_dir"], name)
+@dataclass
+class ResultsConfig:
+    model: str = ""  # the base model: a Hugging Face folder (required)
+    data: str = ""  # GSM8K train.jsonl (required)
+    test_data: str = ""  # GSM8K test.jsonl (required)
+    out_dir: str = "out/results"  # one run folder per method, plus results.md, results.json and loss.png
+    methods: str = ",".join(RUNS)  # the runs to do or read, comma-separated
+    figure: str = ""  # where the held-out loss figure goes; empty: <out_dir>/loss.png
+    merged_check: bool = False  # CUDA: also score each run's adapter merged into a bf16 base (the precision table)
+    # any other --key=value is passed on to every train.py run
+
+
+def run(name, args, extra):
+    """One train.py run in its own process (its peak memory and CUDA state are its own), or its saved result."""
+    import runs
+    out = os.path.join(args.out_dir, name)
     done = os.path.join(out, "result.json")
     if os.path.isfile(done):
         return json.load(open(done))
-    argv = RUNS[name] + ["--model", args["model"], "--data", args["data"], "--test_data", args["test_data"],
-                         "--out_dir", args["out_dir"], "--run_name", name, "--eval_every", "50", "--log_every", "10",
-                         "--save_every", "100000"] + args["extra"]
+    argv = RUNS[name] + ["--model", args.model, "--data", args.data, "--test_data", args.test_data,
+                         "--out_dir", args.out_dir, "--run_name", name, "--eval_every", "50", "--log_every", "10",
+                         "--save_every", "100000"] + extra
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     rc = subprocess.run([sys.executable, script] + argv).returncode
-    if rc:  # a process per run: each run's peak memory and CUDA state are its own
+    if rc:
         raise UserError(f"the {name} run failed (exit {rc}); its output is above")
     r = json.load(open(os.path.join(out, "summary.json")))
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -50,9 +66,9 @@ def run(name, args):
                trainable=r["trainable_params"], init_s=r["init_s"], train_s=r["train_s"], tok_s=r["tok_s"],
                peak_gib=r["peak_gib"], val_loss=r["val_loss"], acc=r["gsm8k"]["accuracy"],
                invalid=r["gsm8k"]["invalid_rate"], n=r["gsm8k"]["n"])
-    if name == "dylora":
+    if runs.METHODS[cfg["train"]["method"]].NESTED_RANKS:  # one run, scored at every rank
         res["by_rank"] = {s["rank"]: (s["accuracy"], s["invalid_rate"]) for s in ev.main(
-            ["--model", args["model"], "--adapter", out, "--data", args["test_data"], "--ranks", DYLORA_RANKS])}
+            ["--model", args.model, "--adapter", out, "--data", args.test_data, "--ranks", DYLORA_RANKS])}
     json.dump(res, open(done, "w"))
     return res
 
@@ -62,26 +78,27 @@ def merged_check(name, args):
     the same adapter merged into the base and rounded to bf16 (what train.py scored before, and what a bf16 merged
     export gives): held-out loss on train.py's held-out split, and GSM8K accuracy. Written to <run>/merged.json."""
     import torch
-    import train
+    import data
+    import runs
+    import step
     from model import Llama, Tokenizer
-    out = os.path.join(args["out_dir"], name)
+    out = os.path.join(args.out_dir, name)
     path = os.path.join(out, "merged.json")
     if os.path.isfile(path):
         return json.load(open(path))
-    cfg = json.load(open(os.path.join(out, "config.json")))["train"]
-    tok = Tokenizer.from_pretrained(args["model"])
-    examples = train.load_examples(args["data"])
-    _, val_idx = train.heldout_split(len(examples), cfg["val_size"], args["data"])
-    val, _ = train.tokenize([examples[i] for i in val_idx], tok, cfg["template"], cfg["max_len"])
-    batches = [train.pack(val[j:j + 16], cfg["max_len"], tok.pad_id) for j in range(0, len(val), 16)]
-    method, mcfg, sd, _ = train.load_adapter(out)
-    model = Llama.from_pretrained(args["model"], device="cuda", dtype=torch.bfloat16)
+    cfg = cli.from_dict(data.DataConfig, json.load(open(os.path.join(out, "config.json")))["train"])
+    tok = Tokenizer.from_pretrained(args.model)
+    _, val_ex, _ = data.splits(cfg, args.data)  # the run's own held-out examples
+    val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
+    batches = data.eval_batches(val, 16, cfg.max_len, tok.pad_id)
+    method, mcfg, sd, _ = runs.load_adapter(out)
+    model = Llama.from_pretrained(args.model, device="cuda", dtype=torch.bfloat16)
     method.apply(model, mcfg, init=False)
     method.load_adapter_state_dict(model, sd)
-    trained = train.evaluate(model, batches)
+    trained = step.evaluate(model, batches)
     method.merge(model)
-    merged = train.evaluate(model.to(torch.bfloat16), batches)
-    acc, = ev.main(["--model", args["model"], "--adapter", out, "--data", args["test_data"], "--merged_dtype",
+    merged = step.evaluate(model.to(torch.bfloat16), batches)
+    acc, = ev.main(["--model", args.model, "--adapter", out, "--data", args.test_data, "--merged_dtype",
                     "bfloat16", "--out", os.path.join(out, "gsm8k_merged_bf16.jsonl")])
     res = dict(val_loss_trained=trained, val_loss_merged_bf16=merged, acc_merged_bf16=acc["accuracy"],
                invalid_merged_bf16=acc["invalid_rate"])
@@ -121,46 +138,39 @@ def plot(rows, out_dir, path):
 
 
 def main(argv=None):
-    args = dict(model="", data="", test_data="", out_dir="out/results", methods=",".join(RUNS), figure="",
-                merged_check="")
-    argv, extra = list(sys.argv[1:] if argv is None else argv), []
-    while argv:
-        a = argv.pop(0)
-        k = a[2:].partition("=")[0]
-        if k in args:
-            args[k] = a.partition("=")[2] if "=" in a else argv.pop(0)
-        else:
-            extra.append(a)  # passed on to every train.py run
-    args["extra"] = extra
+    argv = sys.argv[1:] if argv is None else argv
+    if cli.wants_help(argv):
+        return cli.print_help(__doc__, [("options (others go on to train.py)", ResultsConfig)])
+    extra = []
+    args, = cli.parse(argv, ResultsConfig(), rest=extra)
     for k in ("model", "data", "test_data"):
-        if not args[k]:
+        if not getattr(args, k):
             raise UserError(f"--{k} is required (results.py --model PATH --data train.jsonl --test_data test.jsonl)")
-    names = args["methods"].split(",")
+    names = args.methods.split(",")
     for n in names:
         if n not in RUNS:
             raise UserError(f"unknown run {n!r}: choose from {', '.join(RUNS)}")
-    rows = [run(n, args) for n in names]
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows = [run(n, args, extra) for n in names]
     text = table(rows)
-    if args["merged_check"]:  # scored as trained vs merged into a bf16 base (the README's precision table)
-        lines = ["| run | held-out loss as trained | merged, bf16 | GSM8K as trained | merged, bf16 |", "|---|---|---|---|---|"]
+    if args.merged_check:  # scored as trained vs merged into a bf16 base (the README's precision table)
+        lines = ["| run | held-out loss as trained | merged, bf16 | GSM8K as trained | merged, bf16 |",
+                 "|---|---|---|---|---|"]
         for r in rows:
             m = merged_check(r["name"], args)
             lines.append(f"| {r['name']} | {m['val_loss_trained']:.4f} | {m['val_loss_merged_bf16']:.4f} | "
                          f"{100 * r['acc']:.2f}% | {100 * m['acc_merged_bf16']:.2f}% |")
         text += "\n\n" + "\n".join(lines)
     print(text)
-    with open(os.path.join(args["out_dir"], "results.md"), "w") as f:
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write(text + "\n")
-    json.dump(rows, open(os.path.join(args["out_dir"], "results.json"), "w"), indent=1)
+    json.dump(rows, open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
     try:
-        plot(rows, args["out_dir"], args["figure"] or os.path.join(args["out_dir"], "loss.png"))
+        plot(rows, args.out_dir, args.figure or os.path.join(args.out_dir, "loss.png"))
     except ImportError:
         print("matplotlib is not installed: no figure (pip install matplotlib)")
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -14,6 +14,15 @@ needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared i
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 
 
+def script(name):
+    """The namespace of an entry-point script (train.py, fed.py...) run as a module, for tests that call its main()
+    in-process: a script is not imported by any file of the project, and a subprocess per test would pay torch's
+    import each time. Each call runs the file afresh (its own globals)."""
+    import runpy
+    import types
+    return types.SimpleNamespace(**runpy.run_path(os.path.join(ROOT, name + ".py"), run_name="nanopeft_" + name))
+
+
 def hf_tiny(arch="llama", tie=False, head_dim=None, rope=None, seed=0, vocab=128, layers=2):
     """A random tiny transformers model (GQA 4/2 heads) with weights large enough that logits are decisive."""
     import transformers

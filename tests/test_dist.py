@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import fed
-import train
-from conftest import ROOT
-from model import UserError
+import runs
+from conftest import script, ROOT
+from cli import UserError
+
+train = script("train")  # train.py is a script: its main() is run, never imported
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
 
@@ -34,9 +36,10 @@ def torchrun(*cmd, n=2, ok=True):
 
 def crash_at(step, method):
     """torchrun arguments that run train.py with every rank killed (KeyboardInterrupt) at the start of `step`."""
-    code = (f"import sys, train; m = train.METHODS[{method!r}]; f = m.on_step\n"
-            f"def on_step(model, step):\n    if step == {step}: raise KeyboardInterrupt\n    return f(model, step)\n"
-            f"m.on_step = on_step; train.main()")
+    code = (f"import runpy, runs; m = runs.METHODS[{method!r}]; f = m.on_step\n"
+            f"def on_step(model, cfg, step):\n    if step == {step}: raise KeyboardInterrupt\n"
+            f"    return f(model, cfg, step)\n"
+            f"m.on_step = on_step; runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')")
     return ["--no-python", sys.executable, "-c", code]
 
 
@@ -95,10 +98,10 @@ def test_fsdp_resumes_a_one_process_run(tmp_path, tiny_dir, gsm_file, monkeypatc
     full = ["--method", "full", "--lr", "1e-3", "--micro_batch_size", "1"]
     train.main(args(tmp_path, tiny_dir, gsm_file, "straight", *full))
 
-    def crash(model, step):
+    def crash(model, cfg, step):
         if step == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(train.METHODS["full"], "on_step", crash)
+    monkeypatch.setattr(runs.METHODS["full"], "on_step", crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(tmp_path, tiny_dir, gsm_file, "killed", *full))
     monkeypatch.undo()

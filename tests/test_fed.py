@@ -4,9 +4,12 @@ import torch
 import fed
 import lora
 import lora_sb
-import train
-from conftest import hf_tiny
-from model import Llama, ModelConfig, UserError
+import data
+from conftest import script, hf_tiny
+from cli import UserError
+from model import Llama, ModelConfig
+
+train = script("train")  # train.py is a script: its main() is run, never imported
 
 
 def common(tmp_path, tiny_dir, gsm_file, *extra, name="f"):
@@ -268,7 +271,7 @@ def test_per_example_grads_clipping_and_noise():
     y[:, :4] = -100
     g = fed.per_example_grads(model, params, x, y)
     for i in range(3):  # each row against its own autograd gradient
-        loss = model(x[i:i + 1], y[i:i + 1])
+        loss = model(x[i:i + 1], y[i:i + 1])[1]
         ref = torch.autograd.grad(loss, list(params.values()))
         assert all(torch.allclose(g[n][i], r, atol=1e-5) for n, r in zip(params, ref))
     C = 1e-3
@@ -289,9 +292,9 @@ def test_private_round_touches_only_trainable_tensors(tmp_path, tiny_dir, gsm_fi
     before = {k: v.clone() for k, v in model.state_dict().items()}
     from model import Tokenizer
     tok = Tokenizer.from_pretrained(tiny_dir)
-    data, _ = train.tokenize(train.load_examples(gsm_file)[:12], tok, train.TEMPLATE, 384)
+    seqs, _ = data.tokenize(data.load_examples(gsm_file)[:12], tok, data.TEMPLATE, 384)
     cfg = fed.FedConfig(batch_size=4, lr=1e-2, max_len=384)
-    out = fed.local_train(model, cfg, data, list(range(12)), 2, 0, tok.pad_id, dp=(1.0, 0.5))
+    out = fed.local_train(model, cfg, seqs, list(range(12)), 2, 0, tok.pad_id, dp=(1.0, 0.5))
     after = model.state_dict()
     assert set(out) == {k for k, p in model.named_parameters() if p.requires_grad}
     for k in before:
@@ -307,12 +310,12 @@ def test_dp_noise_comes_from_os_entropy(tiny_dir, gsm_file):
     start = {n: p.detach().clone() for n, p in fed.trainable(model).items()}
     from model import Tokenizer
     tok = Tokenizer.from_pretrained(tiny_dir)
-    data, _ = train.tokenize(train.load_examples(gsm_file)[:12], tok, train.TEMPLATE, 384)
+    seqs, _ = data.tokenize(data.load_examples(gsm_file)[:12], tok, data.TEMPLATE, 384)
 
     def client(dp_seed, seed=0):
         fed.load_state(model, start)
         cfg = fed.FedConfig(batch_size=4, lr=1e-2, max_len=384, dp_seed=dp_seed)
-        return fed.local_train(model, cfg, data, list(range(12)), 2, seed, tok.pad_id, dp=(1.0, 0.5))
+        return fed.local_train(model, cfg, seqs, list(range(12)), 2, seed, tok.pad_id, dp=(1.0, 0.5))
     a, b = client(-1), client(-1)  # the default
     assert all(not torch.equal(a[n], b[n]) for n in a)
     c, d, e = client(7), client(7), client(7, seed=1)

@@ -7,9 +7,12 @@ import torch
 
 import eval as ev
 import fetch
-import train
-from conftest import hf_tiny, write_bpe_tokenizer
-from model import Llama, Tokenizer, UserError
+import data
+from conftest import script, hf_tiny, write_bpe_tokenizer
+from cli import UserError
+from model import Llama, Tokenizer
+
+train = script("train")  # train.py is a script: its main() is run, never imported
 
 
 def write_tiny_gguf(path, hf, bpe_dir, pre="gpt2"):
@@ -78,7 +81,7 @@ def test_gguf_conversion_matches_transformers(tmp_path):
             p.copy_(p.to(torch.bfloat16).float())
     x = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = ours(x), ref(x).logits
+        a, b = ours(x)[0], ref(x).logits
     assert a.std() > 1.0 and (a - b).abs().max() < 1e-4
     with torch.no_grad():
         assert (a - hf(x).logits).abs().max() < 0.5  # Q8_0 and bf16 of the original weights: close, not equal
@@ -115,7 +118,7 @@ def test_synthetic_gsm8k_is_exact_and_in_format(tmp_path, monkeypatch):
         calcs = re.findall(r"<<([^=]+)=([^>]+)>>", r["answer"])
         assert calcs and all(abs(eval(e) - float(v)) < 1e-9 for e, v in calcs)
         assert float(r["answer"].rsplit("####", 1)[1]) == float(calcs[-1][1])
-    assert len(train.load_examples(path)) == 1319 and len(ev.load_gsm8k(path)) == 1319
+    assert len(data.load_examples(path)) == 1319 and len(ev.load_gsm8k(path)) == 1319
     assert fetch.resolve_data("some/file.jsonl") == "some/file.jsonl"
 
 

@@ -10,9 +10,12 @@ import bone
 import dylora
 import eval as ev
 import lora_ga
-import train
-from conftest import hf_tiny
-from model import Llama, ModelConfig, UserError
+import runs
+from conftest import script, hf_tiny
+from cli import UserError
+from model import Llama, ModelConfig
+
+train = script("train")  # train.py is a script: its main() is run, never imported
 
 
 def tiny(dtype=torch.float32):
@@ -33,7 +36,7 @@ def loss_and_grads(model, idx, names):
     ws = {n: m.weight for n, m in targets_of(model, names).items()}
     for w in ws.values():
         w.requires_grad_(True)
-    loss = model(idx, idx.roll(-1, 1))
+    loss = model(idx, idx.roll(-1, 1))[1]
     gs = torch.autograd.grad(loss, list(ws.values()))
     for w in ws.values():
         w.requires_grad_(False)
@@ -51,12 +54,12 @@ def test_ga_init_and_first_step_property(direction):
         model = tiny(torch.float64)
         W0 = {n: m.weight.detach().clone() for n, m in targets_of(model, names).items()}
         with torch.no_grad():
-            base_logits = model(idx)
+            base_logits = model(idx)[0]
         G = loss_and_grads(model, idx, names)
         cfg = lora_ga.Config(rank=r, alpha=8.0, targets=names, direction=direction)
         lora_ga.apply(model, cfg, {n: g.clone() for n, g in G.items()})
         with torch.no_grad():  # B A - B0 A0 = 0: the model is where it was, and W0 is untouched
-            assert torch.equal(model(idx), base_logits)
+            assert torch.equal(model(idx)[0], base_logits)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, lora_ga.Linear)}
         s = 8.0 / math.sqrt(r)
         for n, m in layers.items():
@@ -72,7 +75,7 @@ def test_ga_init_and_first_step_property(direction):
             b = (U[:, :2 * r].T @ m.lora_B0).abs().gt(1e-6).any(1)  # which left vectors B uses
             assert a.sum() == b.sum() == r and not (a & b).any()
         params = [p for p in model.parameters() if p.requires_grad]
-        model(idx, idx.roll(-1, 1)).backward()
+        model(idx, idx.roll(-1, 1))[1].backward()
         with torch.no_grad():
             for p in params:
                 p -= eta * p.grad
@@ -132,7 +135,7 @@ def test_ga_keeps_w0_exports_rank_2r_scales_and_reloads_in_fp64():
     lora_ga.load_adapter_state_dict(fresh, sd)
     idx = torch.arange(24).view(2, 12)
     with torch.no_grad():
-        assert torch.equal(fresh(idx), m64(idx))
+        assert torch.equal(fresh(idx)[0], m64(idx)[0])
 
 
 # ---------------------------------------------------------------------------------------------------- Bone
@@ -244,7 +247,7 @@ def test_dylora_rank_sampling_uniform_and_reproducible():
     assert draws[:50] != [dylora.sample_rank(dylora.Config(rank=8, seed=4), s) for s in range(50)]
     model = tiny()
     dylora.apply(model, cfg)
-    b = dylora.on_step(model, 17)
+    b = dylora.on_step(model, cfg, 17)
     assert b == draws[17] and all(m.train_rank == b for m in model.modules() if isinstance(m, dylora.Linear))
 
 
@@ -252,7 +255,7 @@ def test_dylora_rank_survives_save_load_and_eval_scores_each_rank(tmp_path, tiny
     train.main(["--method", "dylora", "--model", tiny_dir, "--data", gsm_file, "--val_size", "8", "--batch_size",
                 "4", "--max_len", "384", "--out_dir", str(tmp_path), "--max_steps", "4", "--lr", "1e-2", "--rank",
                 "4", "--eval_rank", "2", "--device", "cpu"])
-    method, cfg, sd, meta = train.load_adapter(str(tmp_path / "dylora"))
+    method, cfg, sd, meta = runs.load_adapter(str(tmp_path / "dylora"))
     assert method is dylora and cfg.eval_rank == 2 and cfg.rank == 4
     model = Llama.from_pretrained(tiny_dir, dtype=torch.float32)
     method.apply(model, cfg, init=False)

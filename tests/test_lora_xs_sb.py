@@ -5,9 +5,12 @@ import torch
 
 import lora_sb
 import lora_xs
-import train
-from conftest import hf_tiny
+import data
+import step
+from conftest import script, hf_tiny
 from model import Llama, ModelConfig
+
+train = script("train")  # train.py is a script: its main() is run, never imported
 
 
 def tiny():
@@ -84,7 +87,7 @@ def test_randomized_svd_truncation_error_within_one_percent_on_a_real_shape():
 
 def test_sb_through_train_uses_init_samples_examples_and_first_step_lr(tmp_path, tiny_dir, gsm_file, monkeypatch):
     seen = {}
-    real = train.init_grads
+    real = step.init_grads
 
     def spy(model, batches, targets, offload=False, n_tgt=0):
         # an example starts where pos is 0 and the next position is 1 (padding is pos 0 followed by 0)
@@ -92,7 +95,7 @@ def test_sb_through_train_uses_init_samples_examples_and_first_step_lr(tmp_path,
         seen["grads"] = real(model, batches, targets, offload, n_tgt)
         seen["copy"] = {k: v.clone() for k, v in seen["grads"].items()}
         return seen["grads"]
-    monkeypatch.setattr(train, "init_grads", spy)
+    monkeypatch.setattr(step, "init_grads", spy)
     train.main(["--method", "sb", "--model", tiny_dir, "--data", gsm_file, "--val_size", "8", "--batch_size", "4",
                 "--max_len", "384", "--out_dir", str(tmp_path), "--max_steps", "20", "--warmup_steps", "5",
                 "--lr", "1e-3", "--init_samples", "12", "--micro_batch_size", "5", "--rank", "4", "--eval_every", "50",
@@ -107,12 +110,12 @@ def test_init_grads_is_the_mean_loss_gradient(tiny_dir):
     from model import Tokenizer
     tok = Tokenizer.from_pretrained(tiny_dir)
     ex = [("How many apples?", f"{i} + 2 = {i + 2}\nThe answer is: {i + 2}") for i in range(5)]
-    data, _ = train.tokenize(ex, tok, train.TEMPLATE, 384)
+    seqs, _ = data.tokenize(ex, tok, data.TEMPLATE, 384)
     model = Llama.from_pretrained(tiny_dir, dtype=torch.float32)
-    batches, n_tgt, _ = train.micro_batches(data, list(range(5)), 2, 384, tok.pad_id)
-    G = train.init_grads(model, batches, ("q_proj", "down_proj"))
+    batches, n_tgt, _ = data.micro_batches(seqs, list(range(5)), 2, 384, tok.pad_id)
+    G = step.init_grads(model, batches, ("q_proj", "down_proj"))
     assert len(G) == 4 and not any(p.requires_grad for p in model.parameters())
     W = model.model.layers[1].mlp.down_proj.weight.requires_grad_(True)
-    x, y, pos = train.pack(data, 384 * 5, tok.pad_id)  # all five in one forward
-    model(x, y, pos).backward()
+    x, y, pos = data.pack(seqs, 384 * 5, tok.pad_id)  # all five in one forward
+    model(x, y, pos)[1].backward()
     assert torch.allclose(G["model.layers.1.mlp.down_proj"], W.grad, atol=1e-6)

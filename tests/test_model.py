@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GSM8K, LLAMA2_SP, hf_tiny, needs_shared, write_bpe_tokenizer
-from model import ChunkedCrossEntropy, Llama, ModelConfig, Tokenizer, UserError, generate
+from cli import UserError
+from model import ChunkedCrossEntropy, Llama, ModelConfig, Tokenizer, generate
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -31,7 +32,7 @@ def test_parity_with_transformers(name, tmp_path):
         assert model.lm_head.weight is model.model.embed_tokens.weight
     x = torch.randint(0, 128, (3, 50), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref, out = hf(x).logits, model(x)
+        ref, out = hf(x).logits, model(x)[0]
     assert ref.std() > 1.0  # decisive logits, so the comparison can fail
     assert (ref - out).abs().max() < 1e-4
     prompt = x[:1, :7]
@@ -151,8 +152,8 @@ def test_packed_rows_equal_separate_examples():
     row = torch.cat([a, b], 1)
     pos = torch.cat([torch.arange(11), torch.arange(7)])[None]
     with torch.no_grad():
-        packed = model(row, pos=pos)
-        sep = torch.cat([model(a), model(b)], 1)
+        packed = model(row, pos=pos)[0]  # (1, 18, V)
+        sep = torch.cat([model(a)[0], model(b)[0]], 1)
     assert (packed - sep).abs().max() < 1e-5
 
 
@@ -177,17 +178,17 @@ def test_loss_masks_prompt_tokens():
     x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, 1).clone()
     y[:, :5] = -100
-    logits = model(x)
+    logits = model(x)[0]  # (2, 12, V)
     ref = F.cross_entropy(logits.reshape(-1, 128), y.reshape(-1), ignore_index=-100)
-    assert torch.allclose(model(x, y), ref, atol=1e-6)
-    assert abs(model(x, x.roll(-1, 1)) - model(x, y)) > 1e-3  # unmasked, the prompt positions would have counted
+    assert torch.allclose(model(x, y)[1], ref, atol=1e-6)
+    assert abs(model(x, x.roll(-1, 1))[1] - model(x, y)[1]) > 1e-3  # unmasked, the prompt positions would have counted
     y2 = y.clone()
     y2[:, 7] = -100  # one more masked target: the mean is over the remaining ones
     ref2 = F.cross_entropy(logits.reshape(-1, 128), y2.reshape(-1), ignore_index=-100)
-    assert torch.allclose(model(x, y2), ref2, atol=1e-6) and abs(ref2 - ref) > 1e-4
+    assert torch.allclose(model(x, y2)[1], ref2, atol=1e-6) and abs(ref2 - ref) > 1e-4
     x2 = x.clone()
     x2[:, :2] = (x2[:, :2] + 1) % 128  # a prompt token's input is still context for every later target
-    assert abs(model(x2, y) - model(x, y)) > 1e-4
+    assert abs(model(x2, y)[1] - model(x, y)[1]) > 1e-4
 
 
 @needs_shared

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import train
+import runs
 from conftest import hf_tiny
 from model import Llama, ModelConfig
 
@@ -40,21 +40,19 @@ LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")  # 
 def bf16_model_with(name):
     """The tiny model in bf16 (as from_pretrained loads it on CUDA), then the method applied to it, as train.py does."""
     method_name, overrides = CASES[name]
-    method = train.METHODS[method_name]
+    method = runs.METHODS[method_name]
     hf = hf_tiny()
     model = Llama(ModelConfig.from_hf(hf.config.to_dict()))
     model.load_state_dict(hf.state_dict())
     model = model.to(torch.bfloat16)
     cfg = method.Config(**overrides)
     grads = None
-    if getattr(cfg, "init_samples", 0):  # gradient-initialised methods: a random fp32 "gradient"
+    if method.GRADIENT_INIT:  # gradient-initialised methods: a random fp32 "gradient"
         g = torch.Generator().manual_seed(5)
         grads = {n: torch.randn(m.weight.shape, generator=g) for n, m in model.named_modules()
                  if type(m) is nn.Linear and n.split(".")[-1] in cfg.targets}
-        if hasattr(cfg, "lr_1"):
-            cfg.lr_1 = 3e-4
     W0 = {n: model.get_submodule(n).weight.detach().double().clone() for n in LAYERS}
-    method.apply(model, cfg, grads)
+    method.apply(model, cfg, grads, first_lr=3e-4)  # first_lr: LoRA-SB's init step
     return method, model.eval(), W0
 
 

@@ -7,15 +7,18 @@ import sys
 import torch
 
 import lora
-import train
-from conftest import ROOT
+import data
+import step
+from conftest import script, ROOT
 from model import Llama, ModelConfig
+
+train = script("train")  # train.py is a script: its main() is run, never imported
 
 
 def test_static_pack_keeps_examples_and_fixes_the_shape():
     seqs = [([1] + [5 + i] * (3 + i) + [2], 2) for i in range(7)]  # (ids, n_prompt)
-    x, y, pos = train.pack(seqs, 16, 0)
-    xs, ys, ps = train.pack(seqs, 16, 0, static=True)
+    x, y, pos = data.pack(seqs, 16, 0)
+    xs, ys, ps = data.pack(seqs, 16, 0, static=True)
     assert xs.shape == (-(-x.shape[0] // 4) * 4, 16)
     assert torch.equal(xs[:, :x.shape[1]][:x.shape[0]], x) and torch.equal(ys[:x.shape[0], :x.shape[1]], y)
     assert (ys[x.shape[0]:] == -100).all() and (ys[:, x.shape[1]:] == -100).all()  # padding never has a target
@@ -23,7 +26,7 @@ def test_static_pack_keeps_examples_and_fixes_the_shape():
     cfg = ModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64)
     model = Llama(cfg).init_weights()
     xs, x = xs % 32, x % 32
-    assert torch.allclose(model(x, y, pos), model(xs, ys, ps), atol=1e-6)  # padding changes nothing
+    assert torch.allclose(model(x, y, pos)[1], model(xs, ys, ps)[1], atol=1e-6)  # padding changes nothing
 
 
 def test_make_step_is_the_mean_loss_step():
@@ -39,17 +42,17 @@ def test_make_step_is_the_mean_loss_step():
             if p.requires_grad:
                 p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
         models.append(m)
-    tcfg = train.TrainConfig(lr=1e-2)
+    tcfg = step.OptimConfig(lr=1e-2)
     m = models[0]
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = train.make_optimizer(params, tcfg, torch.device("cpu"))
-    batches, n_tgt, _ = train.micro_batches(seqs, [0, 1, 2, 3], 2, 32, 0)
-    loss, norm = train.make_step(m, opt, params, 1e9)(batches, n_tgt)
+    opt = step.make_optimizer(params, tcfg, torch.device("cpu"))
+    batches, n_tgt, _ = data.micro_batches(seqs, [0, 1, 2, 3], 2, 32, 0)
+    loss, norm = step.make_step(m, opt, params, 1e9)(batches, n_tgt)
     ref = models[1]
     rparams = [p for p in ref.parameters() if p.requires_grad]
     ropt = torch.optim.AdamW(rparams, lr=1e-2)
-    x, y, pos = train.pack(seqs, 64, 0)  # every example in one row: the plain mean over all targets
-    rloss = ref(x, y, pos)
+    x, y, pos = data.pack(seqs, 64, 0)  # every example in one row: the plain mean over all targets
+    rloss = ref(x, y, pos)[1]
     rloss.backward()
     rnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in rparams]))
     ropt.step()

@@ -8,11 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
-from conftest import ROOT, hf_tiny
-from model import Llama, ModelConfig, UserError
+import cli
+import data
+import runs
+import step
+from conftest import script, ROOT, hf_tiny
+from cli import UserError
+from model import Llama, ModelConfig
 
-ADAPTERS = [m for m in train.METHODS if m != "full"]
+train = script("train")  # train.py is a script: its main() is run, never imported
+
+ADAPTERS = [m for m in runs.METHODS if m != "full"]
 # small settings for the tiny model (dims 64, 32 and 96); each adapter method, Bone in both forms
 TEST_CFG = {"lora": dict(rank=8), "xs": dict(rank=8), "sb": dict(rank=8), "ga": dict(rank=8), "dylora": dict(rank=8),
             "bone": dict(block_size=16), "bone-shared": dict(block_size=16, bone_variant="shared")}
@@ -27,17 +33,15 @@ def tiny(seed=0):
 
 def adapt(name, model, **overrides):
     """Apply a method with test settings (small ranks; a random gradient for gradient-initialised methods)."""
-    method = train.METHODS[name.split("-")[0]]
+    method = runs.METHODS[name.split("-")[0]]
     cfg = method.Config(**{**TEST_CFG[name], **overrides})
     grads = None
-    if getattr(cfg, "init_samples", 0):
+    if method.GRADIENT_INIT:
         g = torch.Generator().manual_seed(5)
         grads = {n: torch.randn(m.weight.shape, generator=g) for n, m in model.named_modules()
                  if type(m) is torch.nn.Linear and n.split(".")[-1] in cfg.targets}
-        if hasattr(cfg, "lr_1"):
-            cfg.lr_1 = 1e-3
     kept = {n: g.clone() for n, g in grads.items()} if grads else None
-    method.apply(model, cfg, grads)
+    method.apply(model, cfg, grads, first_lr=1e-3)  # first_lr: LoRA-SB's init step
     return method, cfg, kept
 
 
@@ -67,11 +71,11 @@ def test_method_contract(name, tmp_path):
     torch.manual_seed(0)
     model = tiny()
     with torch.no_grad():
-        before_apply = model(torch.arange(40).view(2, 20))
+        before_apply = model(torch.arange(40).view(2, 20))[0]
     W0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     method, cfg, grads = adapt(name, model)
     with torch.no_grad():  # every method starts at the base model, but LoRA-SB (one approximate step taken)
-        after_apply = model(torch.arange(40).view(2, 20))  # and LoRA-XS (R is small, not zero)
+        after_apply = model(torch.arange(40).view(2, 20))[0]  # and LoRA-XS (R is small, not zero)
     if name != "sb":
         assert (after_apply - before_apply).abs().max() < {"xs": 1e-3}.get(name, 1e-4)
     else:  # LoRA-SB starts one step away: each layer at W0 + trunc_r(-lr_1 sign(G)), and the outputs moved
@@ -98,8 +102,8 @@ def test_method_contract(name, tmp_path):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     idx = torch.randint(0, 128, (2, 16))
     model.train()
-    method.on_step(model, 0)
-    model(idx, idx.roll(-1, 1)).backward()
+    method.on_step(model, cfg, 0)
+    model(idx, idx.roll(-1, 1))[1].backward()
     opt.step()
     model.eval()
     after = model.state_dict()
@@ -110,21 +114,21 @@ def test_method_contract(name, tmp_path):
             assert torch.equal(before[k], after[k]), k
     # save/load round trip into a freshly adapted model
     with torch.no_grad():
-        ref = model(idx)
+        ref = model(idx)[0]
     sd = {k: v.clone() for k, v in method.adapter_state_dict(model).items()}
     fresh = tiny()
     method.apply(fresh, cfg, init=False)  # no gradients or SVDs to rebuild: every tensor is in the state dict
     method.load_adapter_state_dict(fresh, sd)
     fresh.eval()
     with torch.no_grad():
-        assert torch.equal(fresh(idx), ref)
+        assert torch.equal(fresh(idx)[0], ref)
     with pytest.raises(UserError):
         method.load_adapter_state_dict(fresh, dict(list(sd.items())[1:]))
     # merge keeps outputs and leaves plain nn.Linear layers
     method.merge(model)
     assert not any(isinstance(m, method.Linear) for m in model.modules())
     with torch.no_grad():
-        assert (model(idx) - ref).abs().max() < 1e-4
+        assert (model(idx)[0] - ref).abs().max() < 1e-4
 
 
 def test_guided_bone_has_no_peft_form_but_exports_merged(tmp_path, tiny_dir, gsm_file):
@@ -133,34 +137,34 @@ def test_guided_bone_has_no_peft_form_but_exports_merged(tmp_path, tiny_dir, gsm
             "--export", "peft", name="b")
     run(tmp_path, tiny_dir, gsm_file, "--method", "bone", "--block_size", "16", "--max_steps", "2", "--lr", "1e-2",
         "--export", "merged", name="b2")
-    method, cfg, sd, meta = train.load_adapter(str(tmp_path / "b2"))
+    method, cfg, sd, meta = runs.load_adapter(str(tmp_path / "b2"))
     ours = Llama.from_pretrained(tiny_dir, dtype=torch.float32)
     method.apply(ours, cfg, init=False)
     method.load_adapter_state_dict(ours, sd)
     merged = Llama.from_pretrained(str(tmp_path / "b2" / "merged"), dtype=torch.float32)
     idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (merged(idx) - ours(idx)).abs().max() < 1e-4
+        assert (merged(idx)[0] - ours(idx)[0]).abs().max() < 1e-4
 
 
 def test_full_finetuning_trains_everything():
     model = tiny()
-    train.METHODS["full"].apply(model, train.METHODS["full"].Config())
+    runs.METHODS["full"].apply(model, runs.METHODS["full"].Config())
     assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     assert model.inv_freq.dtype == torch.float32
-    sd = train.METHODS["full"].adapter_state_dict(model)
+    sd = runs.METHODS["full"].adapter_state_dict(model)
     assert len(sd) == len(dict(model.named_parameters()))
 
 
 def test_gsm8k_target_and_prompt_masking(tiny_dir):
     from model import Tokenizer
-    t = train.gsm8k_target("She sold 48/2 = <<48/2=24>>24 clips.\nSo 48+24 = <<48+24=72>>72.\n#### 72")
+    t = data.gsm8k_target("She sold 48/2 = <<48/2=24>>24 clips.\nSo 48+24 = <<48+24=72>>72.\n#### 72")
     assert t == "She sold 48/2 = 24 clips.\nSo 48+24 = 72.\nThe answer is: 72"
     tok = Tokenizer.from_pretrained(tiny_dir)
-    (ids, n_prompt), = train.tokenize([("How many?", t)], tok, train.TEMPLATE, 512)[0]
-    assert ids[:n_prompt] == tok.encode(train.TEMPLATE.format(question="How many?"), bos=tok.add_bos)
+    (ids, n_prompt), = data.tokenize([("How many?", t)], tok, data.TEMPLATE, 512)[0]
+    assert ids[:n_prompt] == tok.encode(data.TEMPLATE.format(question="How many?"), bos=tok.add_bos)
     assert ids[-1] == tok.eos_id and tok.decode(ids[n_prompt:-1]).strip() == t
-    x, y, pos = train.pack([(ids, n_prompt)], 512, tok.pad_id)
+    x, y, pos = data.pack([(ids, n_prompt)], 512, tok.pad_id)
     assert (y[0, :n_prompt - 1] == -100).all() and y[0, n_prompt - 1:].tolist() == ids[n_prompt:]
 
 
@@ -168,25 +172,25 @@ def test_packed_loss_equals_unpacked():
     model = tiny()
     g = torch.Generator().manual_seed(0)
     seqs = [(torch.randint(3, 128, (n,), generator=g).tolist(), p) for n, p in ((20, 6), (9, 3), (31, 10), (5, 2))]
-    x, y, pos = train.pack(seqs, 40, 0)
+    x, y, pos = data.pack(seqs, 40, 0)
     assert x.shape[0] < len(seqs)  # several examples share a row
     total, count = 0.0, 0
     for ids, p in seqs:
-        xs, ys, _ = train.pack([(ids, p)], 40, 0)
+        xs, ys, _ = data.pack([(ids, p)], 40, 0)
         n = int((ys != -100).sum())
-        total, count = total + model(xs, ys).item() * n, count + n
-    assert abs(model(x, y, pos).item() - total / count) < 1e-5
+        total, count = total + model(xs, ys)[1].item() * n, count + n
+    assert abs(model(x, y, pos)[1].item() - total / count) < 1e-5
 
 
 def test_example_order_is_a_seeded_permutation_per_epoch():
-    a = train.example_order(10, 3, 0, 25)
+    a = data.example_order(10, 3, 0, 25)
     assert sorted(a[:10]) == list(range(10)) and sorted(a[10:20]) == list(range(10)) and a[:10] != a[10:20]
-    assert train.example_order(10, 3, 7, 9) == a[7:16]
+    assert data.example_order(10, 3, 7, 9) == a[7:16]
 
 
 def test_lr_schedule():
     cfg = train.TrainConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
-    lrs = [train.get_lr(s, cfg, 20) for s in range(20)]
+    lrs = [step.get_lr(s, cfg, 20) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and abs(lrs[-1] - (0.1 + 0.9 * 0.5 * (1 + math.cos(
         math.pi * 15 / 16)))) < 1e-12
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
@@ -208,10 +212,10 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_dir, gsm_file, monkeypatch):
     common = ["--method", "lora", "--max_steps", "6", "--save_every", "3", "--dropout", "0.1", "--rank", "4"]
     run(tmp_path, tiny_dir, gsm_file, *common, name="straight")
 
-    def crash(model, step):
+    def crash(model, cfg, step):
         if step == 4:
             raise KeyboardInterrupt  # killed between checkpoints
-    monkeypatch.setattr(train.METHODS["lora"], "on_step", crash)
+    monkeypatch.setattr(runs.METHODS["lora"], "on_step", crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tiny_dir, gsm_file, *common, name="killed")
     monkeypatch.undo()
@@ -235,7 +239,7 @@ def test_peft_and_merged_export_reproduce_logits(tmp_path, tiny_dir, gsm_file, n
     args = ["--method", name.split("-")[0], "--max_steps", "3", "--lr", "1e-2", *PEFT_CASES[name]]
     run(tmp_path, tiny_dir, gsm_file, *args, "--export", "peft", name="p")
     run(tmp_path, tiny_dir, gsm_file, *args, "--export", "merged", "--resume", name="p")  # export a finished run
-    method, cfg, sd, meta = train.load_adapter(str(tmp_path / "p"))
+    method, cfg, sd, meta = runs.load_adapter(str(tmp_path / "p"))
     ours = Llama.from_pretrained(tiny_dir, dtype=torch.float32)
     method.apply(ours, cfg, init=False)
     method.load_adapter_state_dict(ours, sd)
@@ -244,35 +248,36 @@ def test_peft_and_merged_export_reproduce_logits(tmp_path, tiny_dir, gsm_file, n
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     with torch.no_grad():
         base_logits = base(idx).logits
-        ref = ours(idx)
+        ref = ours(idx)[0]
         assert (ref - base_logits).abs().max() > 1e-3  # the adapter changed something
         pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "p" / "peft")).eval()
         assert (pm(idx).logits - ref).abs().max() < 1e-4
         merged = Llama.from_pretrained(str(tmp_path / "p" / "merged"), dtype=torch.float32)
-        assert (merged(idx) - ref).abs().max() < 1e-4
+        assert (merged(idx)[0] - ref).abs().max() < 1e-4
 
 
 def test_errors(tmp_path, tiny_dir, gsm_file):
     with pytest.raises(UserError, match="unknown method 'nope'"):
-        train.parse_args(["--method", "nope"])
+        cli.parse_run(["--method", "nope"], train.TrainConfig, runs.METHODS)
     with pytest.raises(UserError, match="unknown option --rnak; valid: .*rank"):
-        train.parse_args(["--method", "lora", "--rnak=4"])
+        cli.parse_run(["--method", "lora", "--rnak=4"], train.TrainConfig, runs.METHODS)
     with pytest.raises(UserError, match="--lr expects float, got 'fast'"):
-        train.parse_args(["--lr=fast"])
-    tc, mc = train.parse_args(["--method=lora", "--seed", "7", "--compile", "--targets=q_proj,v_proj"])
+        cli.parse_run(["--lr=fast"], train.TrainConfig, runs.METHODS)
+    tc, mc = cli.parse_run(["--method=lora", "--seed", "7", "--compile", "--targets=q_proj,v_proj"],
+                           train.TrainConfig, runs.METHODS)
     assert tc.seed == mc.seed == 7 and tc.compile and mc.targets == ("q_proj", "v_proj")
     with pytest.raises(UserError, match="data file not found"):
-        train.load_examples(str(tmp_path / "missing.jsonl"))
+        data.load_examples(str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a #### 1"}\n{"question": "q"}\n')
     with pytest.raises(UserError, match="bad.jsonl:2: expected"):
-        train.load_examples(str(bad))
+        data.load_examples(str(bad))
     bad.write_text('{"question": "q", "answer": "a #### 1"}\nnot json\n')
     with pytest.raises(UserError, match="bad.jsonl:2: not a JSON object"):
-        train.load_examples(str(bad))
+        data.load_examples(str(bad))
     bad.write_text("\n")
     with pytest.raises(UserError, match="no examples"):
-        train.load_examples(str(bad))
+        data.load_examples(str(bad))
     with pytest.raises(UserError, match="raise --max_len"):
         run(tmp_path, tiny_dir, gsm_file, "--method", "lora", "--max_len", "8")
     with pytest.raises(UserError, match=r"loss is nan at step 2: training stopped; no checkpoint had been saved"):
@@ -281,10 +286,10 @@ def test_errors(tmp_path, tiny_dir, gsm_file):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, gsm_file, monkeypatch):
-    def poison(model, step):
+    def poison(model, cfg, step):
         if step == 3:  # the 4th step runs on broken weights
             next(p for p in model.parameters() if p.requires_grad).data.fill_(float("nan"))
-    monkeypatch.setattr(train.METHODS["lora"], "on_step", poison)
+    monkeypatch.setattr(runs.METHODS["lora"], "on_step", poison)
     with pytest.raises(UserError, match=r"loss is nan at step 4: .* last good checkpoint \(step 2\) is in"):
         run(tmp_path, tiny_dir, gsm_file, "--method", "lora", "--max_steps", "8", "--save_every", "2", name="nan")
     ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
@@ -333,14 +338,14 @@ def test_merged_export_keeps_the_training(tmp_path, bf16_dir, gsm_file, method, 
     run(tmp_path, bf16_dir, gsm_file, "--method", method, "--max_steps", "3", "--lr", "1e-4", "--export", "merged",
         "--test_data", gsm_file, "--eval_limit", "2", *extra, name="m")
     assert "merged export in float32: rounding to the checkpoint's bfloat16 would change" in capsys.readouterr().out
-    assert method == "full" or scored == [[train.METHODS[method].__name__] * 14]  # unmerged while scored
-    m, cfg, sd, meta = train.load_adapter(str(tmp_path / "m"))
+    assert method == "full" or scored == [[runs.METHODS[method].__name__] * 14]  # unmerged while scored
+    m, cfg, sd, meta = runs.load_adapter(str(tmp_path / "m"))
     ours = Llama.from_pretrained(bf16_dir, dtype=torch.float32)
     m.apply(ours, cfg, init=False)
     m.load_adapter_state_dict(ours, sd)
     idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref, base = ours.eval()(idx), AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)(idx).logits
+        ref, base = ours.eval()(idx)[0], AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)(idx).logits
         hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m" / "merged"), dtype="auto")
         assert hf.dtype == torch.float32 and (hf(idx).logits - ref).abs().max() < 1e-4
         run(tmp_path, bf16_dir, gsm_file, "--method", method, "--max_steps", "3", "--lr", "1e-4", "--export", "merged",

@@ -1,0 +1,157 @@
+"""
+The data: the prompt template, GSM8K and MetaMathQA rows, tokenization, packing into rows, the held-out split and
+the order in which examples are seen. train.py, fed.py, eval.py and bench.py share it.
+
+An example is a (question, target) pair of strings; tokenized, it is (ids, n_prompt) with ids = [BOS] prompt ' '
+target EOS. The loss covers the target tokens only. Several examples share a packed row of at most max_len tokens;
+positions restart at 0 for each, and the model never attends across them.
+"""
+import json
+import os
+import re
+
+from dataclasses import dataclass
+
+import torch
+
+from cli import UserError
+
+# the Alpaca-style prompt of MetaMath, LoRA-XS, LoRA-SB and Fed-SB; {question} is replaced
+TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\n{question}\n\n### Response:")
+
+
+@dataclass
+class DataConfig:
+    data: str = "gsm8k"  # GSM8K jsonl (question/answer), MetaMathQA json/jsonl (query/response), or gsm8k (fetched)
+    data_limit: int = 0  # > 0: only the first N examples of --data (the papers' "MetaMathQA train[:50000]")
+    val_data: str = ""  # a held-out file; empty: hold out --val_size examples of --data (a fixed seeded split)
+    val_size: int = -1  # held-out examples; -1 (auto): 256 on CUDA, 32 on CPU
+    template: str = TEMPLATE  # the prompt; {question} is replaced by the question
+    max_len: int = 512  # tokens per example (prompt + answer + EOS); longer answers are truncated
+
+
+def gsm8k_target(answer):
+    """GSM8K's worked solution without calculator annotations, the final '#### N' as 'The answer is: N'."""
+    body, _, final = answer.rpartition("####")
+    body = re.sub(r"<<[^>]*>>", "", body).rstrip()
+    return f"{body}\nThe answer is: {final.strip()}"
+
+
+def load_examples(path):
+    """[(question, target)] from GSM8K jsonl or MetaMathQA json/jsonl."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON list (MetaMathQA's release format)
+        try:
+            rows = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{n}: not a JSON object") from None
+    out = []
+    for n, r in rows:
+        if isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str):
+            out.append((r["question"], gsm8k_target(r["answer"])))
+        elif isinstance(r, dict) and isinstance(r.get("query"), str) and isinstance(r.get("response"), str):
+            out.append((r["query"], r["response"]))
+        else:
+            raise UserError(f"{path}:{n}: expected 'question'/'answer' (GSM8K) or 'query'/'response' (MetaMathQA)")
+    if not out:
+        raise UserError(f"{path}: no examples")
+    return out
+
+
+def heldout_split(n, val_size, path):
+    """(training indices, held-out indices) of n examples: one seeded split, shared by train.py and fed.py."""
+    if n <= val_size:
+        raise UserError(f"{path} has {n} examples, not more than --val_size={val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
+    return perm[val_size:], perm[:val_size]
+
+
+def tokenize(examples, tok, template, max_len):
+    """[(ids, n_prompt)]: ids = [BOS] prompt ' ' target EOS, tokenized jointly as the model will read it."""
+    out, cut = [], 0
+    for q, target in examples:
+        prompt = template.format(question=q)
+        p = tok.encode(prompt, bos=tok.add_bos)
+        ids = tok.encode(prompt + " " + target, bos=tok.add_bos) + [tok.eos_id]
+        if ids[:len(p)] != p:  # the joint tokenization merged across the boundary: keep the prompt's own
+            ids = p + tok.encode(" " + target) + [tok.eos_id]
+        if len(p) >= max_len:
+            raise UserError(f"a prompt has {len(p)} tokens but --max_len={max_len}: raise --max_len")
+        cut += len(ids) > max_len
+        out.append((ids[:max_len], len(p)))
+    return out, cut
+
+
+def pack(seqs, max_len, pad_id, static=False):
+    """First-fit-decreasing packing of examples into rows of at most max_len tokens. Returns x, y, pos (R, T):
+    y is -100 on prompt and padding; pos restarts at 0 for each example (the model masks attention by it).
+    static: T = max_len and R rounded up to a multiple of 4, so a CUDA graph captured for one shape serves
+    (nearly) every step."""
+    rows = []  # [used, [example indices]]
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+        n = len(seqs[i][0]) - 1  # inputs are ids[:-1]
+        row = next((r for r in rows if r[0] + n <= max_len), None)
+        if row is None:
+            row = [0, []]
+            rows.append(row)
+        row[0] += n
+        row[1].append(i)
+    R, T = (-(-len(rows) // 4) * 4, max_len) if static else (len(rows), max(r[0] for r in rows))
+    x = torch.full((R, T), pad_id, dtype=torch.long)
+    y = torch.full((R, T), -100, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)  # padding: every slot its own one-token example
+    for r, (_, items) in enumerate(rows):
+        t = 0
+        for i in items:
+            ids, n_prompt = seqs[i]
+            n = len(ids) - 1
+            x[r, t:t + n] = torch.tensor(ids[:-1])
+            y[r, t + n_prompt - 1:t + n] = torch.tensor(ids[n_prompt:])  # predict the target tokens only
+            pos[r, t:t + n] = torch.arange(n)
+            t += n
+    return x, y, pos
+
+
+def example_order(n, seed, start, count):
+    """Examples start..start+count of the training stream: epoch e is a permutation seeded by (seed, e)."""
+    perms = {}
+    for e in range(start // n, (start + count - 1) // n + 1):
+        perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + e)).tolist()
+    return [perms[k // n][k % n] for k in range(start, start + count)]
+
+
+def micro_batches(data, idxs, micro, max_len, pad_id, static=False, rank=0, world=1):
+    """Pack each group of `micro` examples of process `rank`'s contiguous share of idxs (all of them in one
+    process): [(x, y, pos)], and the target and real (non-pad) tokens of all of idxs, every process's share: the
+    loss is a mean over the whole step, which every process can count without asking the others."""
+    mine = idxs[rank * len(idxs) // world:(rank + 1) * len(idxs) // world]
+    batches = [pack([data[i] for i in mine[j:j + micro]], max_len, pad_id, static) for j in range(0, len(mine), micro)]
+    n_tgt = sum(len(data[i][0]) - data[i][1] for i in idxs)  # pack's y holds ids[n_prompt:] of each example
+    return batches, n_tgt, sum(len(data[i][0]) - 1 for i in idxs)
+
+
+def splits(cfg, path):
+    """(training examples, held-out examples, the training examples' indices in the file) for a run's config: the
+    first data_limit examples of `path`, minus a seeded held-out split of val_size, unless val_data is a file."""
+    examples = load_examples(path)[:cfg.data_limit or None]
+    if cfg.val_data:
+        return examples, load_examples(cfg.val_data), list(range(len(examples)))
+    train_idx, val_idx = heldout_split(len(examples), cfg.val_size, path)
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx], train_idx
+
+
+def eval_batches(seqs, micro, max_len, pad_id):
+    """The held-out examples packed `micro` at a time, in file order: [(x, y, pos)]."""
+    return [pack(seqs[j:j + micro], max_len, pad_id) for j in range(0, len(seqs), micro)]

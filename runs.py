@@ -1,0 +1,173 @@
+"""
+Run folders: the methods by name, and everything a run writes or reads back. A train.py run folder
+(out/<run_name>) holds:
+
+    config.json          the resolved TrainConfig and method Config
+    log.jsonl            one JSON line per log/eval step (step 0: the base model's held-out loss, init time)
+    adapter.safetensors  the method's adapter_state_dict(), with adapter.json (method, config, base model, template)
+    ckpt.pt              resume state: adapter, optimizer, RNG, step, config (torch.load with weights_only=True)
+    summary.json         the run's outcome; gsm8k.jsonl (+ .summary.json) the score; peft/ or merged/ the exports
+
+Every file is written atomically (a temporary file, then os.replace): a reader or a crash sees the old file or the
+new one, never half of one.
+"""
+import glob
+import json
+import math
+import os
+
+from dataclasses import asdict
+
+import torch
+
+import bone
+import dylora
+import full
+import lora
+import lora_ga
+import lora_sb
+import lora_xs
+from cli import UserError, from_dict
+
+# --method NAME -> the method's file; adding a method is one file and one line here
+METHODS = {"full": full, "lora": lora, "xs": lora_xs, "sb": lora_sb, "ga": lora_ga, "bone": bone, "dylora": dylora}
+
+
+def atomic_save(obj, path, save_fn):
+    tmp = path + ".tmp"
+    save_fn(obj, tmp)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+def save_json(obj, path):
+    atomic_save(obj, path, lambda o, p: open(p, "w").write(json.dumps(o, indent=2) + "\n"))
+
+
+def save_adapter(sd, tcfg, mcfg, run_dir, step):
+    from safetensors.torch import save_file
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    meta = dict(method=tcfg.method, config=asdict(mcfg), base_model=tcfg.model, template=tcfg.template, step=step)
+    atomic_save(sd, os.path.join(run_dir, "adapter.safetensors"),
+                lambda o, p: save_file(o, p, metadata={"nanopeft": json.dumps(meta)}))
+    save_json(meta, os.path.join(run_dir, "adapter.json"))
+
+
+def load_adapter(run_dir):
+    """(method module, its Config, state dict, metadata) of a train.py run folder."""
+    from safetensors.torch import load_file
+    path = os.path.join(run_dir, "adapter.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no adapter.json in {run_dir}: pass a train.py run folder (out/<run_name>)")
+    meta = json.load(open(path))
+    if meta["method"] not in METHODS:
+        raise UserError(f"{path}: unknown method {meta['method']!r}")
+    method = METHODS[meta["method"]]
+    return method, from_dict(method.Config, meta["config"]), load_file(os.path.join(run_dir, "adapter.safetensors")), meta
+
+
+EXPORT_LOSS = 0.01  # auto: the checkpoint's dtype only if its rounding changes the weights by < 1% of the update
+
+
+def save_hf(model, src, out, dtype="auto"):
+    """A Hugging Face model folder from a merged model (fp32 weights): its weights, the source's config and tokenizer.
+    The weights are written in `dtype`; "auto" takes the source checkpoint's dtype unless rounding to it would
+    change the weights by more than EXPORT_LOSS of the update's norm, ||round(W) - W|| / ||W - W0|| with W0 the
+    source checkpoint's weights (a bf16 checkpoint after a short or low-lr run: most changed weights round back to
+    W0), and then float32. Returns (the dtype written, what it loses of the update)."""
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    src_cfg = json.load(open(os.path.join(src, "config.json")))
+    src_dtype = getattr(torch, src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "bfloat16")
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    W0 = {}
+    for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        with safe_open(f, framework="pt") as fh:
+            W0.update({k: fh.get_tensor(k) for k in fh.keys() if k in sd})
+
+    def lost(dt):  # ||round(W) - W|| / ||W - W0|| over every tensor
+        err = sum(float((v.to(dt).double() - v.double()).pow(2).sum()) for v in sd.values())
+        upd = sum(float((v.double() - W0[k].double()).pow(2).sum()) for k, v in sd.items() if k in W0)
+        return math.sqrt(err / upd) if upd > 0 else 0.0
+    if dtype == "auto":
+        dt = src_dtype if lost(src_dtype) <= EXPORT_LOSS else torch.float32
+        if dt != src_dtype:
+            print(f"merged export in float32: rounding to the checkpoint's {str(src_dtype)[6:]} would change the "
+                  f"weights by {lost(src_dtype):.1%} of the update (--export_dtype {str(src_dtype)[6:]} writes it anyway)")
+    else:
+        dt = getattr(torch, dtype)
+    loss = lost(dt)
+    print(f"merged export in {str(dt)[6:]}: its rounding changes the weights by {loss:.2%} of the update")
+    os.makedirs(out, exist_ok=True)
+    sd = {k: v.to(dt) for k, v in sd.items()}
+    atomic_save(sd, os.path.join(out, "model.safetensors"), lambda o, p: save_file(o, p, metadata={"format": "pt"}))
+    for f in os.listdir(src):
+        if f.endswith((".json", ".model", ".jinja")) and not f.startswith("model.safetensors"):
+            shutil.copy(os.path.join(src, f), out)
+    cfg_out = dict(src_cfg, dtype=str(dt)[6:])  # transformers loads dtype="auto" from here
+    cfg_out.pop("torch_dtype", None)
+    save_json(cfg_out, os.path.join(out, "config.json"))
+    return str(dt)[6:], loss
+
+
+def save_peft(model, method, out, base_model):
+    """A standard PEFT LoRA adapter: every layer of a method with a low-rank form gives its lora_pair() (A, B), the
+    scale folded into B, so that W = W0 + B A (method files: Linear.lora_pair)."""
+    from safetensors.torch import save_file
+    if method.Linear is None:
+        raise UserError("this method has no PEFT LoRA form: use --export merged")
+    pairs = {n: m.lora_pair() for n, m in model.named_modules() if isinstance(m, method.Linear)}
+    ranks = {A.shape[0] for A, _ in pairs.values()}
+    if len(ranks) != 1:
+        raise UserError(f"PEFT export needs one rank for every layer, found {sorted(ranks)}")
+    sd = {}
+    for n, (A, B) in pairs.items():
+        sd[f"base_model.model.{n}.lora_A.weight"] = A.contiguous()
+        sd[f"base_model.model.{n}.lora_B.weight"] = B.contiguous()
+    r = ranks.pop()
+    os.makedirs(out, exist_ok=True)
+    atomic_save(sd, os.path.join(out, "adapter_model.safetensors"), lambda o, p: save_file(o, p))
+    save_json(dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=r, lora_dropout=0.0, bias="none",
+                   target_modules=sorted({n.rsplit(".", 1)[-1] for n in pairs}), use_rslora=False,
+                   fan_in_fan_out=False, inference_mode=True, base_model_name_or_path=base_model),
+              os.path.join(out, "adapter_config.json"))
+
+
+def save_checkpoint(run_dir, step, adapter, optimizer, config):
+    """ckpt.pt: what --resume needs to continue exactly (whole tensors, whatever the number of processes)."""
+    state = dict(step=step, adapter=adapter, optimizer=optimizer, rng_cpu=torch.get_rng_state(),
+                 config=json.dumps(config))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    atomic_save(state, os.path.join(run_dir, "ckpt.pt"), torch.save)
+
+
+def load_checkpoint(run_dir):
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_rng(ckpt):
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if "rng_cuda" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng_cuda"])
+
+
+def write_log(lines, path):
+    atomic_save(lines, path, lambda o, p: open(p, "w").write("".join(json.dumps(l) + "\n" for l in o)))
+
+
+def read_log(path, upto):
+    """The log lines of steps <= upto (a resumed run forgets what was logged after its checkpoint)."""
+    if not os.path.isfile(path):
+        return []
+    return [l for l in map(json.loads, open(path)) if l.get("step", 0) <= upto]
+
+
+def append_log(entry, path):
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
