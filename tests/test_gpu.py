@@ -1,0 +1,138 @@
+"""CUDA paths that the CPU suite cannot reach, on a GPU machine (skipped without CUDA):
+
+    python -m pytest -q tests/test_gpu.py
+
+- the CUDA-graph training step (train.py's default on CUDA) equals the eager step, for every method that uses it;
+- CUDA-graph decoding (generate's default on CUDA) gives the eager decoding's tokens;
+- the compiled model (--compile) equals the eager one up to bf16 rounding, and trains the same.
+All under the CUDA precision policy: bf16 frozen base, fp32 trainable tensors, bf16 autocast.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import step
+from model import Llama, ModelConfig, generate
+from runs import METHODS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CFG = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=512)
+SMALL = {"lora": dict(rank=8), "xs": dict(rank=16), "sb": dict(rank=16, init_samples=8), "ga": dict(rank=8),
+         "bone": dict(block_size=32), "dylora": dict(rank=8), "full": {}}
+STEPS = 6
+DEV = torch.device("cuda")
+
+
+def build(name, seed=0):
+    """The tiny model in bf16 on the GPU, the method applied (a fixed random init gradient where it needs one)."""
+    dev = DEV
+    model = Llama(CFG).init_weights(seed=seed).to(dev, torch.bfloat16).requires_grad_(False)
+    method, mcfg = METHODS[name], METHODS[name].Config(**SMALL[name])
+    grads = None
+    if method.GRADIENT_INIT:
+        g = torch.Generator(device=dev).manual_seed(5)
+        grads = {n: torch.randn(m.weight.shape, generator=g, device=dev) for n, m in model.named_modules()
+                 if type(m) is nn.Linear and n.split(".")[-1] in mcfg.targets}
+    method.apply(model, mcfg, grads, first_lr=1e-4)
+    return method, mcfg, model
+
+
+def examples(n=32, seed=0):
+    """[(ids, n_prompt)]: random token examples of 20-60 tokens, the first third a prompt."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = int(torch.randint(20, 60, (1,), generator=g))
+        out.append((torch.randint(3, CFG.vocab_size, (T,), generator=g).tolist(), T // 3))
+    return out
+
+
+def train(name, graphed, compiled=False):
+    """STEPS steps of train.py's loop (static packed shapes, as with --cuda_graph): (losses, trainable tensors)."""
+    torch.manual_seed(0)
+    method, mcfg, model = build(name)
+    if compiled:
+        torch._dynamo.reset()
+        model.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)  # the policy: trainable tensors in fp32
+    ocfg = step.OptimConfig(lr=METHODS[name].DEFAULT_LR, warmup_steps=0)
+    opt = step.make_optimizer(params, ocfg, DEV, graphed)
+    train_step = step.make_step(model, opt, params, ocfg.grad_clip, graphed)
+    seqs, losses = examples(), []
+    model.train()
+    for it in range(STEPS):
+        step.set_lr(opt, step.get_lr(it, ocfg, STEPS))
+        method.on_step(model, mcfg, it)
+        idxs = data.example_order(len(seqs), 0, it * 8, 8)
+        batches, n_tgt, _ = data.micro_batches(seqs, idxs, 4, 128, 0, static=True)  # 2 micro-batches of 4
+        loss, _ = train_step(batches, n_tgt)
+        losses.append(loss.item())  # read before the next replay overwrites it
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, model
+
+
+def start(name):
+    return {n: p.detach().clone() for n, p in build(name)[2].named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.CUDA_GRAPH])
+def test_cuda_graph_step_equals_eager(name):
+    """The graph replays the eager step's kernels: the same losses and the same weights after STEPS steps, to well
+    under one Adam step (each moves an entry by about lr)."""
+    l_eager, p_eager, _ = train(name, graphed=False)
+    l_graph, p_graph, _ = train(name, graphed=True)
+    p0 = start(name)
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(l_eager, l_graph)), (l_eager, l_graph)
+    for n in p_eager:
+        moved = (p_eager[n] - p0[n]).abs().max().item()
+        diff = (p_graph[n] - p_eager[n]).abs().max().item()
+        assert moved > 0 and diff <= 1e-3 * moved, (n, diff, moved)
+
+
+def test_graph_decoding_equals_eager():
+    """Greedy decoding with each decode step replayed as a CUDA graph gives the eager decoding's tokens (ragged
+    prompts, rows finishing at different times so the batch shrinks and the graph is re-recorded)."""
+    model = Llama(CFG).init_weights(seed=1).to(DEV, torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    p, q = (torch.randint(3, CFG.vocab_size, (n,), generator=g).tolist() for n in (9, 23))
+    prompts = [p, q, p, q, p, q]  # ragged, and the p rows continue alike
+    o = generate(model, [p], 40, pad_id=0, cuda_graph=False)[0]
+    eos = next(t for k, t in enumerate(o) if k >= 8 and t not in o[:k])  # the p rows stop mid-decoding
+    eager = generate(model, prompts, 40, eos_id=eos, pad_id=0, cuda_graph=False)
+    graph = generate(model, prompts, 40, eos_id=eos, pad_id=0, cuda_graph=True)
+    assert sum(len(o) < 40 for o in eager) >= 3  # half the rows finished: the batch shrank mid-decoding
+    assert graph == eager
+
+
+def grads(model, x, y):
+    """{name: gradient} of the loss of one batch for the trainable tensors, under the policy's autocast."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with step.autocast(x.device):
+        loss = model(x, y)[1]
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def test_compiled_model_equals_eager():
+    """torch.compile fuses kernels differently, so outputs differ by bf16 rounding and no more: the logits and loss
+    of a trained LoRA model, its gradients (to 3% of their norm: bf16 keeps 8 bits, ~0.4% per rounding), and the
+    losses of STEPS training steps. (The weights after Adam steps are not compared: Adam divides each gradient by
+    its own size, so for a tiny, noise-dominated entry a rounding difference becomes a full step.)"""
+    l_eager, _, model = train("lora", graphed=False)  # a trained adapter, so its term is not zero
+    l_comp, _, _ = train("lora", graphed=False, compiled=True)
+    assert all(abs(a - b) <= 1e-3 * abs(a) for a, b in zip(l_eager, l_comp)), (l_eager, l_comp)
+    torch._dynamo.reset()
+    x = torch.randint(3, CFG.vocab_size, (4, 64), generator=torch.Generator().manual_seed(3)).to(DEV)
+    y = x.roll(-1, 1)
+    model.train()
+    g_eager = grads(model, x, y)
+    with torch.no_grad(), step.autocast(x.device):
+        logits_e, loss_e = model(x)[0].float(), model(x, y)[1].item()
+    model.compile()
+    g_comp = grads(model, x, y)
+    with torch.no_grad(), step.autocast(x.device):
+        logits_c, loss_c = model(x)[0].float(), model(x, y)[1].item()
+    assert (logits_c - logits_e).abs().max() <= 0.02 * logits_e.abs().max()
+    assert abs(loss_c - loss_e) <= 1e-3 * abs(loss_e)
+    for n in g_eager:
+        assert (g_comp[n] - g_eager[n]).norm() <= 0.03 * g_eager[n].norm(), n
