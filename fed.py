@@ -295,6 +295,19 @@ def default_delta(n):
     return min(1e-5, n ** -1.1)
 
 
+def check_options(cfg: FedConfig):
+    """One clear line for a federated setting that means nothing, before anything is loaded."""
+    if cfg.clients < 1 or cfg.rounds < 1 or cfg.local_steps < 0:
+        raise UserError(f"--clients and --rounds must be >= 1 and --local_steps >= 0, got {cfg.clients}, "
+                        f"{cfg.rounds}, {cfg.local_steps}")
+    if not 0 < cfg.client_frac <= 1:
+        raise UserError(f"--client_frac must be in (0, 1] (the fraction of clients sampled each round), "
+                        f"got {cfg.client_frac}")
+    if not 0 <= cfg.drop_prob <= 1:
+        raise UserError(f"--drop_prob must be in [0, 1], got {cfg.drop_prob}")
+    check_dp_options(cfg)
+
+
 def check_dp_options(cfg: FedConfig):
     """One clear line for each setting that would train without the privacy it claims (no data is needed)."""
     if not cfg.dp_epsilon > 0:
@@ -449,7 +462,7 @@ def main(argv=None):
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS,  # the run's settings, then this command line
                                   dict(train=saved["config"], method_config=saved["method_config"]))
-    check_dp_options(cfg)
+    check_options(cfg)
     strategy = STRATEGIES[cfg.method]
     method = strategy.method
     cfg.lr = cfg.lr or method.DEFAULT_LR

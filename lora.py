@@ -35,7 +35,7 @@ class Config:
     dropout: float = 0.0  # dropout on the adapter's input x (training only)
     rslora: bool = False  # s = alpha / sqrt(r) (rsLoRA) instead of alpha / r
     targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
-    seed: int = 0  # draws A
+    seed: int = 0  # draws A (its random init)
 
 
 class Linear(nn.Linear):

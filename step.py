@@ -29,8 +29,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the cosine schedule decays to lr * min_lr_ratio
     warmup_steps: int = -1  # linear warm-up steps; -1: 3% of the steps
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.999  # AdamW
+    beta1: float = 0.9  # AdamW's decay of the gradient's running mean
+    beta2: float = 0.999  # AdamW's decay of the squared gradient's running mean
     grad_clip: float = 1.0  # clip the global gradient norm to this
 
 

@@ -20,7 +20,10 @@ def script(name):
     import each time. Each call runs the file afresh (its own globals)."""
     import runpy
     import types
-    return types.SimpleNamespace(**runpy.run_path(os.path.join(ROOT, name + ".py"), run_name="nanopeft_" + name))
+    path, run_name = os.path.join(ROOT, name + ".py"), "nanopeft_" + name
+    sys.modules[run_name] = types.ModuleType(run_name)  # where inspect finds the source of its classes (--help)
+    sys.modules[run_name].__file__ = path
+    return types.SimpleNamespace(**runpy.run_path(path, run_name=run_name))
 
 
 def hf_tiny(arch="llama", tie=False, head_dim=None, rope=None, seed=0, vocab=128, layers=2):
@@ -44,6 +47,15 @@ def hf_tiny(arch="llama", tie=False, head_dim=None, rope=None, seed=0, vocab=128
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0, 0.15)
+    return model
+
+
+def tiny_llama(seed=0):
+    """Our Llama holding hf_tiny's weights (fp32, CPU)."""
+    from model import Llama, ModelConfig
+    hf = hf_tiny(seed=seed)
+    model = Llama(ModelConfig.from_hf(hf.config.to_dict()))
+    model.load_state_dict(hf.state_dict())
     return model
 
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+import data
 import fed
 import lora
 import lora_sb
-import data
 from conftest import script, hf_tiny
 from cli import UserError
 from model import Llama, ModelConfig

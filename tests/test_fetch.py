@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
+import data
 import eval as ev
 import fetch
-import data
 from conftest import script, hf_tiny, write_bpe_tokenizer
 from cli import UserError
 from model import Llama, Tokenizer

@@ -4,7 +4,8 @@
 
 - the CUDA-graph training step (train.py's default on CUDA) equals the eager step, for every method that uses it;
 - CUDA-graph decoding (generate's default on CUDA) gives the eager decoding's tokens;
-- the compiled model (--compile) equals the eager one up to bf16 rounding, and trains the same.
+- the compiled model (--compile) equals the eager one up to bf16 rounding, and trains the same;
+- --init_offload (init gradients accumulated on the CPU) gives the on-GPU gradients and the same init.
 All under the CUDA precision policy: bf16 frozen base, fp32 trainable tensors, bf16 autocast.
 """
 import pytest
@@ -136,3 +137,24 @@ def test_compiled_model_equals_eager():
     assert abs(loss_c - loss_e) <= 1e-3 * abs(loss_e)
     for n in g_eager:
         assert (g_comp[n] - g_eager[n]).norm() <= 0.03 * g_eager[n].norm(), n
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.GRADIENT_INIT])
+def test_init_offload_equals_on_device(name):
+    """--init_offload: the init gradients of a GPU model accumulated in fp32 on the CPU equal those accumulated on
+    the GPU (the same fp32 sums), and the method initialises from them to the same adapter."""
+    _, mcfg, model = build(name)
+    seqs = examples(16)
+    batches, n_tgt, _ = data.micro_batches(seqs, list(range(16)), 4, 128, 0)
+    fresh = Llama(CFG).init_weights(seed=0).to(DEV, torch.bfloat16).requires_grad_(False)
+    on_gpu = step.init_grads(fresh, batches, mcfg.targets)
+    on_cpu = step.init_grads(fresh, batches, mcfg.targets, offload=True)
+    assert all(on_gpu[n].is_cuda and on_cpu[n].device.type == "cpu" for n in on_gpu)
+    assert all(torch.allclose(on_gpu[n].cpu(), on_cpu[n], rtol=1e-6, atol=0) for n in on_gpu)
+    adapters = []
+    for grads in (on_gpu, on_cpu):
+        m = Llama(CFG).init_weights(seed=0).to(DEV, torch.bfloat16).requires_grad_(False)
+        METHODS[name].apply(m, METHODS[name].Config(**SMALL[name]), grads, first_lr=1e-4)
+        adapters.append(METHODS[name].adapter_state_dict(m))
+    for k in adapters[0]:
+        assert torch.allclose(adapters[0][k].float().cpu(), adapters[1][k].float().cpu(), rtol=1e-4, atol=1e-6), k

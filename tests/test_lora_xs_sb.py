@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+import data
 import lora_sb
 import lora_xs
-import data
 import step
 from conftest import script, hf_tiny
 from model import Llama, ModelConfig

@@ -1,15 +1,13 @@
 """The fast path: fixed-shape packing, the shared step function, bench.py's CPU smoke path, results.py."""
 import json
-import os
 import subprocess
-import sys
 
 import torch
 
-import lora
 import data
+import lora
 import step
-from conftest import script, ROOT
+from conftest import script
 from model import Llama, ModelConfig
 
 train = script("train")  # train.py is a script: its main() is run, never imported
@@ -62,16 +60,22 @@ def test_make_step_is_the_mean_loss_step():
 
 
 def test_bench_smoke():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--smoke", "--methods", "lora,sb,dylora"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [l for l in r.stdout.splitlines() if l.startswith("| tiny |")]
-    assert [l.split("|")[2].strip() for l in rows] == ["lora", "sb", "dylora"]
-    assert float(rows[1].split("|")[8]) > 0  # sb reports its init time
+    """bench.py's synthetic path end to end on a tiny shape (CPU), in-process."""
+    rows = script("bench").main(["--smoke", "--methods", "lora,sb,dylora"])
+    assert [r["method"] for r in rows] == ["lora", "sb", "dylora"]
+    assert rows[1]["init_s"] > 0 and rows[0]["init_s"] is None and all(r["tok_s"] > 0 for r in rows)
 
 
-def test_results_table(tmp_path, tiny_dir, gsm_file):
-    import results
+def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
+    """results.py's table from two runs (DyLoRA scored at every rank); each train.py run is done in-process here
+    (results.py starts a process per run: here that would be two torch imports), and finished runs are read back."""
+    train = script("train")
+
+    def in_process(cmd):  # [python, train.py, *argv]
+        train.main(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(subprocess, "run", in_process)
+    results = script("results")
     argv = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path),
             "--methods", "lora,dylora", "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384",
             "--eval_limit", "2", "--device", "cpu"]
@@ -79,5 +83,6 @@ def test_results_table(tmp_path, tiny_dir, gsm_file):
     assert [r["name"] for r in rows] == ["lora", "dylora"] and set(rows[1]["by_rank"]) == {1, 2, 4, 8, 16}
     table = open(tmp_path / "results.md").read()
     assert "| lora | 0.0002 | 16 |" in table and "| dylora @ rank 4 |" in table
-    rows2 = results.main(argv)  # finished runs are read back, not redone
+    monkeypatch.setattr(subprocess, "run", None)  # finished runs are read back, not redone
+    rows2 = results.main(argv)
     assert json.loads(json.dumps(rows2)) == json.loads(json.dumps(rows))

@@ -297,17 +297,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, g
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "sb", "xs"])
-def test_cli_smoke(tmp_path, tiny_dir, gsm_file, method):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", method, "--model", tiny_dir, "--data",
-           gsm_file, "--max_steps", "3", "--batch_size", "4", "--val_size", "8", "--out_dir", str(tmp_path),
-           "--max_len", "384", "--device", "cpu"] + (["--init_samples", "8", "--rank", "8"] if method in ("sb", "xs") else [])[
-           :None if method == "sb" else 0] + (["--rank", "8"] if method == "xs" else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_run_smoke(tmp_path, tiny_dir, gsm_file, method):
+    extra = {"sb": ["--init_samples", "8", "--rank", "8"], "xs": ["--rank", "8"]}.get(method, [])
+    run(tmp_path, tiny_dir, gsm_file, "--method", method, "--max_steps", "3", *extra, name=method)
     log = [json.loads(l) for l in open(tmp_path / method / "log.jsonl")]
     assert log[-1]["step"] == 3 and "val_loss" in log[-1]
     assert os.path.isfile(tmp_path / method / "adapter.safetensors")
-    r = subprocess.run(cmd[:2] + ["--method", "lora", "--model", str(tmp_path / "none"), "--data", gsm_file],
+
+
+def test_cli_exit_path(tmp_path, gsm_file):
+    """As a user runs it: a bad input is one line on stderr and exit status 1, before anything is loaded."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--method", "lora", "--model",
+                        str(tmp_path / "none"), "--data", gsm_file, "--device", "cpu"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: model folder not found: {tmp_path}/none (pass a Hugging Face checkpoint folder or a hub id)"]
