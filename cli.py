@@ -133,6 +133,9 @@ def parse_run(argv, cls, methods, saved=None):
     method = dict(pairs(argv)).get("method", saved["train"]["method"] if saved else cls.method)
     if method not in methods:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(methods)}")
+    if saved and method != saved["train"]["method"]:
+        raise UserError(f"--method {method}: this run was trained with {saved['train']['method']}, and a resumed run "
+                        f"keeps its method (--overwrite starts a new run instead)")
     if saved:
         cfg, mcfg = from_dict(cls, saved["train"]), from_dict(methods[method].Config, saved["method_config"])
     else:

@@ -38,15 +38,24 @@ def gsm8k_target(answer):
     return f"{body}\nThe answer is: {final.strip()}"
 
 
+class Example(tuple):
+    """(question, target), and `where` it came from (file:line, or file:[index] in a JSON list) for error lines."""
+    where = ""
+
+
 def load_examples(path):
-    """[(question, target)] from GSM8K jsonl or MetaMathQA json/jsonl."""
+    """[Example(question, target)] from GSM8K jsonl or MetaMathQA json/jsonl."""
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
-    with open(path) as f:
-        text = f.read()
+    raw = open(path, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8") from None
     if text.lstrip().startswith("["):  # one JSON list (MetaMathQA's release format)
         try:
-            rows = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+            rows = [(f"[{i}]", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
     else:
@@ -60,11 +69,13 @@ def load_examples(path):
     out = []
     for n, r in rows:
         if isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str):
-            out.append((r["question"], gsm8k_target(r["answer"])))
+            ex = Example((r["question"], gsm8k_target(r["answer"])))
         elif isinstance(r, dict) and isinstance(r.get("query"), str) and isinstance(r.get("response"), str):
-            out.append((r["query"], r["response"]))
+            ex = Example((r["query"], r["response"]))
         else:
             raise UserError(f"{path}:{n}: expected 'question'/'answer' (GSM8K) or 'query'/'response' (MetaMathQA)")
+        ex.where = f"{path}:{n}"
+        out.append(ex)
     if not out:
         raise UserError(f"{path}: no examples")
     return out
@@ -79,19 +90,46 @@ def heldout_split(n, val_size, path):
 
 
 def tokenize(examples, tok, template, max_len):
-    """[(ids, n_prompt)]: ids = [BOS] prompt ' ' target EOS, tokenized jointly as the model will read it."""
-    out, cut = [], 0
-    for q, target in examples:
+    """[(ids, n_prompt)]: ids = [BOS] prompt ' ' target EOS, tokenized jointly as the model will read it, cut to
+    max_len tokens, and how many were cut. An example whose prompt alone fills max_len has no target token left to
+    learn from: it is skipped, and the count and the first one's file and line are printed (all skipped: an error)."""
+    out, cut, skipped = [], 0, []
+    for ex in examples:
+        q, target = ex
         prompt = template.format(question=q)
         p = tok.encode(prompt, bos=tok.add_bos)
+        if len(p) >= max_len:
+            skipped.append((getattr(ex, "where", ""), len(p)))
+            continue
         ids = tok.encode(prompt + " " + target, bos=tok.add_bos) + [tok.eos_id]
         if ids[:len(p)] != p:  # the joint tokenization merged across the boundary: keep the prompt's own
             ids = p + tok.encode(" " + target) + [tok.eos_id]
-        if len(p) >= max_len:
-            raise UserError(f"a prompt has {len(p)} tokens but --max_len={max_len}: raise --max_len")
         cut += len(ids) > max_len
         out.append((ids[:max_len], len(p)))
+    if skipped:
+        where, n = skipped[0]
+        msg = (f"{len(skipped)} of {len(examples)} examples have a prompt of >= --max_len={max_len} tokens "
+               f"(the first: {where or 'example'}, {n} tokens)")
+        if not out:
+            raise UserError(msg + ": raise --max_len")
+        print(f"skipped {msg}; raise --max_len to keep them")
     return out, cut
+
+
+def check(cfg):
+    """One clear line for a data setting that cannot work (before any file is read)."""
+    if cfg.max_len < 8:
+        raise UserError(f"--max_len must be >= 8 tokens, got {cfg.max_len}")
+    if cfg.data_limit < 0 or cfg.val_size < -1:
+        raise UserError(f"--data_limit must be >= 0 (0: all) and --val_size >= 0 (-1: auto), got {cfg.data_limit}, "
+                        f"{cfg.val_size}")
+    try:
+        cfg.template.format(question="q")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"--template: only {{question}} may be a placeholder (write {{{{ }}}} for a literal brace), "
+                        f"got {type(e).__name__} {e}") from None
+    if "{question}" not in cfg.template:
+        raise UserError("--template has no {question}: the model would never see the question")
 
 
 def pack(seqs, max_len, pad_id, static=False):

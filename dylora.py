@@ -54,6 +54,9 @@ class Linear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the frozen base Parameters themselves
         r, dev = cfg.rank, base.weight.device
+        if r > min(base.weight.shape):
+            raise UserError(f"--rank={r} exceeds {min(base.weight.shape)}, the smaller side of a {base.weight.shape[0]} "
+                            f"x {base.weight.shape[1]} target layer")
         A = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
         self.lora_A = nn.Parameter(A.to(dev))  # (r, d_in), fp32

@@ -35,7 +35,7 @@ import fetch
 import runs
 from cli import UserError
 from data import TEMPLATE
-from model import Llama, Tokenizer, generate
+from model import Llama, Tokenizer, fingerprint, generate
 
 SUFFIX = " Let's think step by step."  # appended to the prompt at evaluation by MetaMath, LoRA-XS, LoRA-SB, Fed-SB
 STOP = ("Instruction", "Response")  # their vLLM stop strings (which also cover "Instruction:" / "Response:")
@@ -148,10 +148,12 @@ def score(model, tok, path, limit=0, template=TEMPLATE, out="", batch_size=256, 
     the summary (with `meta`) are written to `out` when given."""
     records, summary = run_eval(model.eval(), tok, load_gsm8k(path, limit), template, SUFFIX, batch_size,
                                 max_new_tokens)
+    summary["synthetic"] = fetch.is_synthetic(path)  # GSM8K could not be fetched: not a GSM8K score
     if out:
         save_results(records, dict(summary, data=path, **meta), out)
-    print(f"GSM8K accuracy {summary['accuracy']:.4f} on {summary['n']} problems of {path} "
-          f"(invalid {summary['invalid_rate']:.4f})" + (f"; details in {out}" if out else ""))
+    print(("accuracy on SYNTHETIC arithmetic problems, NOT GSM8K (GSM8K could not be fetched: pass --test_data)"
+           if summary["synthetic"] else "GSM8K accuracy") + f" {summary['accuracy']:.4f} on {summary['n']} problems "
+          f"of {path} (invalid {summary['invalid_rate']:.4f})" + (f"; details in {out}" if out else ""))
     return summary
 
 
@@ -181,19 +183,32 @@ def main(argv=None):
         raise UserError(f"--merged_dtype must be float32, bfloat16 or float16, got {args.merged_dtype!r}")
     device = cli.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = load_gsm8k(fetch.resolve_data(args.data, "test"), args.limit)
+    if min(args.batch_size, args.max_new_tokens) < 1:
+        raise UserError(f"--batch_size and --max_new_tokens must be >= 1, got {args.batch_size}, {args.max_new_tokens}")
+    rows_path = fetch.resolve_data(args.data, "test")
+    rows = load_gsm8k(rows_path, args.limit)
     adapter = runs.load_adapter(args.adapter) if args.adapter else None
-    ranks = [int(r) for r in args.ranks.split(",") if r] or [None]
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r] or [None]
+    except ValueError:
+        raise UserError(f"--ranks takes whole numbers, e.g. 1,2,4,8,16; got {args.ranks!r}") from None
     if ranks[0] is not None and (adapter is None or not adapter[0].NESTED_RANKS):
         raise UserError("--ranks needs an adapter of a method trained at several ranks (DyLoRA)")
     model_path = fetch.resolve_model(args.model)
     tok = Tokenizer.from_pretrained(model_path)
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+    trained_on = adapter[3].get("base_fingerprint") if adapter else None
+    if trained_on and trained_on != fingerprint(model):  # same shapes, other weights: strict loading cannot tell
+        raise UserError(f"{args.adapter} was trained on {adapter[3]['base_model']}, whose weights differ from "
+                        f"{args.model}'s: pass --model {adapter[3]['base_model']}")
     template = adapter[3].get("template", TEMPLATE) if adapter else TEMPLATE
     base_layers = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     out = args.out or (os.path.join(args.adapter, "gsm8k.jsonl") if args.adapter else
                        os.path.join("out", f"gsm8k_{os.path.basename(os.path.normpath(args.model))}.jsonl"))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}): choose another --out") from None
     summaries = []
     for rank in ranks:
         if adapter is not None:
@@ -215,7 +230,8 @@ def main(argv=None):
                                 "numeric comparison; strict/flexible as lm-eval-harness gsm8k")
         save_results(records, summary, out if rank is None else out.replace(".jsonl", f"_r{rank}.jsonl"))
         summaries.append(summary)
-        print(f"{'rank ' + str(rank) + ': ' if rank else ''}accuracy {summary['accuracy']:.4f} "
+        print(f"{'rank ' + str(rank) + ': ' if rank else ''}"
+              f"{'SYNTHETIC problems, NOT GSM8K: ' if fetch.is_synthetic(rows_path) else ''}accuracy {summary['accuracy']:.4f} "
               f"(strict {summary['strict']:.4f}, flexible {summary['flexible']:.4f}, invalid "
               f"{summary['invalid_rate']:.4f}) on {summary['n']} problems; {summary['tok_s']} tok/s, "
               f"{summary['wall_s']} s")

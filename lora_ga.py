@@ -122,6 +122,8 @@ def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     scale = cfg.alpha / (math.sqrt(r) if cfg.rslora else r)
     if init and grads is None:
         raise UserError("LoRA-GA initialises from gradients: run it through train.py (init_samples > 0)")
+    if cfg.svd not in ("exact", "lowrank"):
+        raise UserError(f"--svd must be exact or lowrank, got {cfg.svd!r}")
     if cfg.direction not in DIRECTIONS:
         raise UserError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {cfg.direction!r}")
     model.requires_grad_(False)

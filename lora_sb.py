@@ -77,6 +77,9 @@ def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     maps module names to fp32 gradients; each is consumed (popped) as soon as its layer is built, so their memory
     is released during the init. init=False builds zero layers for load_adapter_state_dict."""
     r = cfg.rank
+    if cfg.svd not in ("exact", "lowrank") or cfg.sb_update not in ("sign", "grad"):
+        raise UserError(f"--svd must be exact or lowrank and --sb_update sign or grad, got {cfg.svd!r}, "
+                        f"{cfg.sb_update!r}")
     if init and grads is None:
         raise UserError("LoRA-SB initialises from gradients: run it through train.py (init_samples > 0)")
     if init:

@@ -91,6 +91,8 @@ def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     """Freeze the model; wrap every targeted nn.Linear with B, A from its own SVD and a small random R.
     init=False builds the layers only (zeros), to be filled by load_adapter_state_dict."""
     r, scale = cfg.rank, (cfg.alpha or cfg.rank) / cfg.rank
+    if cfg.svd not in ("exact", "lowrank"):
+        raise UserError(f"--svd must be exact or lowrank, got {cfg.svd!r}")
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
 

@@ -403,6 +403,9 @@ class Llama(nn.Module):
             except Exception as e:  # safetensors raises its own error types for broken files
                 raise UserError(f"cannot read {fpath} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
                                 f"the file is truncated or corrupt; download it again") from None
+        bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
+        if bad:  # a damaged file would otherwise train from NaN and blame the learning rate
+            raise UserError(f"{path}: {bad} holds NaN or inf values: the checkpoint is damaged; download it again")
         missing = sorted(set(expected) - set(sd))
         if missing:
             raise UserError(f"checkpoint in {path} lacks {len(missing)} tensors (e.g. {missing[0]}): "
@@ -414,6 +417,14 @@ class Llama(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, as in the checkpoint
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model.eval().requires_grad_(False)
+
+
+def fingerprint(model):
+    """A short hash of the base weights (the first 64 rows of the embedding, rounded to bf16 so that a bf16 and an
+    fp32 load agree): an adapter records it, and eval.py refuses to apply the adapter to another base model."""
+    import hashlib
+    w = model.model.embed_tokens.weight[:64].detach().to("cpu", torch.bfloat16).view(torch.int16)
+    return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -455,6 +466,11 @@ def adapted_linear(x, weight, bias, delta):
 
 def swap_linears(model, targets, build):
     """Replace every nn.Linear whose attribute name is in `targets` by build(full_name, linear)."""
+    names = {n for _, mod in model.named_modules() for n, c in mod.named_children() if type(c) is nn.Linear}
+    unknown = [t for t in targets if t not in names]
+    if unknown or not targets:
+        raise UserError(f"--targets {','.join(unknown) or '(none)'}: no such layer; choose from "
+                        f"{','.join(sorted(names - {'lm_head'}))}")
     for prefix, mod in list(model.named_modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear and name in targets:

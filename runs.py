@@ -36,17 +36,33 @@ METHODS = {"full": full, "lora": lora, "xs": lora_xs, "sb": lora_sb, "ga": lora_
 def atomic_save(obj, path, save_fn):
     tmp = path + ".tmp"
     save_fn(obj, tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's mode (safetensors writes 0600)
     os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
 
 
+def finite(obj):
+    """obj with every NaN or inf float replaced by None: strict JSON has neither."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def save_json(obj, path):
-    atomic_save(obj, path, lambda o, p: open(p, "w").write(json.dumps(o, indent=2) + "\n"))
+    atomic_save(finite(obj), path, lambda o, p: open(p, "w").write(json.dumps(o, indent=2, allow_nan=False) + "\n"))
 
 
-def save_adapter(sd, tcfg, mcfg, run_dir, step):
+def save_adapter(sd, tcfg, mcfg, run_dir, step, base):
+    """adapter.safetensors + adapter.json; `base` is model.fingerprint of the base the adapter was trained on."""
     from safetensors.torch import save_file
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    meta = dict(method=tcfg.method, config=asdict(mcfg), base_model=tcfg.model, template=tcfg.template, step=step)
+    meta = dict(method=tcfg.method, config=asdict(mcfg), base_model=tcfg.model, base_fingerprint=base,
+                template=tcfg.template, step=step)
     atomic_save(sd, os.path.join(run_dir, "adapter.safetensors"),
                 lambda o, p: save_file(o, p, metadata={"nanopeft": json.dumps(meta)}))
     save_json(meta, os.path.join(run_dir, "adapter.json"))
@@ -58,11 +74,19 @@ def load_adapter(run_dir):
     path = os.path.join(run_dir, "adapter.json")
     if not os.path.isfile(path):
         raise UserError(f"no adapter.json in {run_dir}: pass a train.py run folder (out/<run_name>)")
-    meta = json.load(open(path))
-    if meta["method"] not in METHODS:
-        raise UserError(f"{path}: unknown method {meta['method']!r}")
-    method = METHODS[meta["method"]]
-    return method, from_dict(method.Config, meta["config"]), load_file(os.path.join(run_dir, "adapter.safetensors")), meta
+    try:
+        meta = json.load(open(path))
+        method = METHODS[meta["method"]]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged or not a nanoPEFT adapter (method: {', '.join(METHODS)})") from None
+    weights = os.path.join(run_dir, "adapter.safetensors")
+    if not os.path.isfile(weights):
+        raise UserError(f"{run_dir} has adapter.json but no adapter.safetensors: the run saved no adapter")
+    try:
+        sd = load_file(weights)
+    except Exception as e:  # safetensors' own error types for a truncated or foreign file
+        raise UserError(f"cannot read {weights} ({type(e).__name__}): it is truncated or damaged") from None
+    return method, from_dict(method.Config, meta["config"]), sd, meta
 
 
 EXPORT_LOSS = 0.01  # auto: the checkpoint's dtype only if its rounding changes the weights by < 1% of the update
@@ -144,11 +168,76 @@ def save_checkpoint(run_dir, step, adapter, optimizer, config):
     atomic_save(state, os.path.join(run_dir, "ckpt.pt"), torch.save)
 
 
-def load_checkpoint(run_dir):
-    path = os.path.join(run_dir, "ckpt.pt")
+def load_checkpoint(run_dir, name="ckpt.pt"):
+    """A run's resume state (tensors and plain data only: weights_only, so no pickled code can run)."""
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise UserError(f"--resume: no checkpoint at {path} (start the run without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, or not a checkpoint; never suggest weights_only=False
+        raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}): it is damaged or not a checkpoint; "
+                        f"--overwrite starts the run again") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise UserError(f"--resume: {path} is not a checkpoint of this project; --overwrite starts the run again")
+    return state
+
+
+RUN_FILES = ("config.json", "log.jsonl", "ckpt.pt", "adapter.safetensors", "fed_state.pt", "summary.json")
+
+
+def prepare_run_dir(run_dir, resume, overwrite):
+    """Check the run folder before any work: a new run needs a folder without a run in it (or --overwrite, which
+    removes the old run's files when the new run writes its first); --resume needs one. The folder's parent must be
+    writable. Nothing is created here."""
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: choose one")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} exists and is not a folder: choose another --out_dir or --run_name")
+    old = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if old and not (resume or overwrite):
+        raise UserError(f"{run_dir} already holds a run ({', '.join(old)}): --resume continues it, --overwrite "
+                        f"replaces it, or choose another --run_name")
+    parent = run_dir
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise UserError(f"{parent} is a file, not a folder: choose another --out_dir")
+        parent = os.path.dirname(parent) or "."
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write in {parent}: choose another --out_dir")
+
+
+def start_run_dir(run_dir, overwrite):
+    """Make the run folder when the run writes its first file; --overwrite removes the old run's files then."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {run_dir} ({e.strerror}): choose another --out_dir") from None
+    if overwrite:
+        for f in os.listdir(run_dir):
+            p = os.path.join(run_dir, f)
+            if os.path.isfile(p) and (f in RUN_FILES or f.startswith(("adapter.", "gsm8k"))):
+                os.remove(p)
+            elif os.path.isdir(p) and f in ("peft", "merged"):
+                import shutil
+                shutil.rmtree(p)
+
+
+def check_method(method, mcfg, model_path, export=""):
+    """Build the method's layers on a weightless (meta-device) copy of the model, before any weight is loaded or
+    gradient computed: a target that names no layer, a rank or block size the layers cannot take, or an export the
+    method has no form for, each stops here with the method's own error line."""
+    from model import Llama, ModelConfig
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no config.json in {model_path}: point --model at a Hugging Face checkpoint folder")
+    with torch.device("meta"):
+        model = Llama(ModelConfig.from_hf(json.load(open(path))))
+    method.apply(model, mcfg, init=False)  # model.swap_linears refuses --targets that name no layer
+    if export == "peft":
+        if method.Linear is None:
+            raise UserError("this method has no PEFT LoRA form: use --export merged")
+        next(m for m in model.modules() if isinstance(m, method.Linear)).lora_pair()  # raises where there is none
 
 
 def restore_rng(ckpt):
@@ -157,8 +246,12 @@ def restore_rng(ckpt):
         torch.cuda.set_rng_state(ckpt["rng_cuda"])
 
 
+def strict_json(entry):
+    return json.dumps(finite(entry), allow_nan=False)  # NaN and inf are not JSON: written as null
+
+
 def write_log(lines, path):
-    atomic_save(lines, path, lambda o, p: open(p, "w").write("".join(json.dumps(l) + "\n" for l in o)))
+    atomic_save(lines, path, lambda o, p: open(p, "w").write("".join(strict_json(l) + "\n" for l in o)))
 
 
 def read_log(path, upto):
@@ -170,4 +263,4 @@ def read_log(path, upto):
 
 def append_log(entry, path):
     with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+        f.write(strict_json(entry) + "\n")

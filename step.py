@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
+from cli import UserError
 from data import example_order, micro_batches
 
 
@@ -25,13 +27,30 @@ from data import example_order, micro_batches
 class OptimConfig:
     batch_size: int = 16  # examples per optimizer step (over all processes)
     micro_batch_size: int = 0  # examples per forward/backward; 0: batch_size (no accumulation)
-    lr: float = 0.0  # peak learning rate; 0: the method's DEFAULT_LR
+    lr: float = 0.0  # peak learning rate (> 0); left out: the method's DEFAULT_LR
     min_lr_ratio: float = 0.0  # the cosine schedule decays to lr * min_lr_ratio
     warmup_steps: int = -1  # linear warm-up steps; -1: 3% of the steps
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     beta1: float = 0.9  # AdamW's decay of the gradient's running mean
     beta2: float = 0.999  # AdamW's decay of the squared gradient's running mean
     grad_clip: float = 1.0  # clip the global gradient norm to this
+
+
+def check(cfg, lr_given=True):
+    """One clear line for an optimizer setting that cannot work, before anything is loaded. lr_given: --lr was on
+    the command line (then 0 is an error, not "the method's default")."""
+    if cfg.batch_size < 1 or cfg.micro_batch_size < 0:
+        raise UserError(f"--batch_size must be >= 1 and --micro_batch_size >= 0 (0: batch_size), got "
+                        f"{cfg.batch_size}, {cfg.micro_batch_size}")
+    if cfg.lr < 0 or (lr_given and cfg.lr == 0):
+        raise UserError(f"--lr must be > 0, got {cfg.lr} (leave it out for the method's default)")
+    if not (0 <= cfg.min_lr_ratio <= 1 and cfg.warmup_steps >= -1 and cfg.weight_decay >= 0):
+        raise UserError(f"--min_lr_ratio must be in [0, 1], --warmup_steps >= 0 (-1: 3%) and --weight_decay >= 0, "
+                        f"got {cfg.min_lr_ratio}, {cfg.warmup_steps}, {cfg.weight_decay}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
+    if not cfg.grad_clip > 0:
+        raise UserError(f"--grad_clip must be > 0 (inf: no clipping), got {cfg.grad_clip}")
 
 
 def get_lr(step, cfg, total):
@@ -195,7 +214,7 @@ def init_grads(model, batches, targets, offload=False, n_tgt=0):
             p.grad = None
         hooks.append(w.register_post_accumulate_grad_hook(fold))
     total = n_tgt or sum(int((y != -100).sum()) for _, y, _ in batches)
-    for x, y, pos in batches:
+    for x, y, pos in tqdm(batches, desc="init gradients", leave=False, disable=int(os.environ.get("RANK", 0)) > 0):
         with autocast(dev):
             loss = model(x.to(dev), y.to(dev), pos.to(dev))[1] * ((y != -100).sum().item() / total)
         loss.backward()

@@ -31,7 +31,7 @@ import runs
 import step
 from cli import UserError
 from data import DataConfig
-from model import Llama, Tokenizer
+from model import Llama, Tokenizer, fingerprint
 from runs import METHODS
 from step import OptimConfig
 
@@ -57,13 +57,27 @@ class TrainConfig(DataConfig, OptimConfig):
     out_dir: str = "out"  # runs go to <out_dir>/<run_name>
     run_name: str = ""  # default: the method name
     resume: bool = False  # continue <out_dir>/<run_name> from its last checkpoint
+    overwrite: bool = False  # replace the run already in <out_dir>/<run_name> (else an existing run is refused)
     export: str = ""  # after training: peft (a standard PEFT LoRA adapter) | merged (an HF model folder) | "": none
     export_dtype: str = "auto"  # of --export merged: auto (the checkpoint's, unless rounding to it loses > 1% of the
     # update: then float32) | float32 | bfloat16 | float16
 
 
-def check(tcfg):
-    """One clear line for a setting that cannot work, before anything is loaded."""
+def check(tcfg, mcfg, method, argv):
+    """One clear line for a setting that cannot work, before anything is loaded (the method's own layers are
+    checked later on a weightless copy of the model: runs.check_method)."""
+    data.check(tcfg)
+    step.check(tcfg, lr_given="lr" in dict(cli.pairs(argv)))
+    if method.GRADIENT_INIT and mcfg.init_samples < 1:
+        raise UserError(f"--init_samples must be >= 1 (the examples whose gradient initialises {tcfg.method})")
+    if tcfg.epochs <= 0 or tcfg.max_steps < -1 or tcfg.eval_limit < -1:
+        raise UserError(f"--epochs must be > 0, --max_steps >= 0 (-1: auto) and --eval_limit >= 0 (-1: auto), got "
+                        f"{tcfg.epochs}, {tcfg.max_steps}, {tcfg.eval_limit}")
+    if min(tcfg.log_every, tcfg.eval_every, tcfg.save_every) < 1:
+        raise UserError(f"--log_every, --eval_every and --save_every must be >= 1, got {tcfg.log_every}, "
+                        f"{tcfg.eval_every}, {tcfg.save_every}")
+    if tcfg.dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype must be bfloat16, float16 or float32, got {tcfg.dtype!r}")
     if tcfg.export not in ("", "peft", "merged"):
         raise UserError(f"--export must be peft or merged, got {tcfg.export!r}")
     if tcfg.export_dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -77,16 +91,22 @@ def bounded_on_cpu(tcfg, device):
     """The -1 (auto) settings: the real experiment on CUDA, a run of a few minutes on a CPU, which says so."""
     cpu = device.type == "cpu"
     if cpu and -1 in (tcfg.max_steps, tcfg.val_size, tcfg.eval_limit):
-        print("CPU: a bounded run (8 steps, 32 held-out examples, 16 test problems, where not set); "
-              "--max_steps=0 --val_size=256 --eval_limit=0 give the full one")
+        print("CPU: a bounded run (8 steps, 3 of them warm-up, 32 held-out examples, 16 test problems, where not "
+              "set); --max_steps=0 --val_size=256 --eval_limit=0 give the full one")
+    if cpu and tcfg.max_steps < 0 and tcfg.warmup_steps < 0:
+        tcfg.warmup_steps = 3  # 3% of 8 steps would be 1: the first step at the peak lr (LoRA-SB's lr_1 too)
     tcfg.max_steps = (8 if cpu else 0) if tcfg.max_steps < 0 else tcfg.max_steps
     tcfg.val_size = (32 if cpu else 256) if tcfg.val_size < 0 else tcfg.val_size
     tcfg.eval_limit = (16 if cpu else 0) if tcfg.eval_limit < 0 else tcfg.eval_limit
 
 
-def check_finite(loss, grad_norm, done, last_saved, run_dir):
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise UserError(f"loss is {loss} at step {done}: training stopped; " + (
+def check_finite(loss, grad_norm, done, last_saved, run_dir, what="loss"):
+    """Stop a run that has broken (a NaN or inf loss or gradient) or died (a zero gradient: nothing more can be
+    learnt, as when a huge lr saturates every softmax), pointing at the last checkpoint, which holds good weights."""
+    dead = grad_norm == 0 and loss > 0
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)) or dead:
+        why = f"the gradient is zero with the {what} at {loss:.4f}" if dead else f"{what} is {loss}"
+        raise UserError(f"{why} at step {done}: training stopped; " + (
             f"the last good checkpoint (step {last_saved}) is in {run_dir}" if last_saved else
             "no checkpoint had been saved") + "; lower --lr or check the data")
 
@@ -99,12 +119,13 @@ def main(argv=None):
                               [(f"--method {k}", m.Config) for k, m in METHODS.items()])
     tcfg, mcfg = cli.parse_run(argv, TrainConfig, METHODS)
     run_dir = os.path.join(tcfg.out_dir, tcfg.run_name or tcfg.method)
+    runs.prepare_run_dir(run_dir, tcfg.resume, tcfg.overwrite)  # an existing run is touched only when asked
     ckpt = runs.load_checkpoint(run_dir) if tcfg.resume else None
     if ckpt is not None:
         tcfg, mcfg = cli.parse_run(argv, TrainConfig, METHODS, json.loads(ckpt["config"]))
     method = METHODS[tcfg.method]
+    check(tcfg, mcfg, method, argv)
     tcfg.lr = tcfg.lr or method.DEFAULT_LR
-    check(tcfg)
     distributed, rank, world, device = step.init_distributed(cli.device(tcfg.device))
     dtype = getattr(torch, tcfg.dtype) if device.type == "cuda" else torch.float32
     if device.type == "cuda":
@@ -114,9 +135,10 @@ def main(argv=None):
         model_path, data_path = fetch.resolve_model(tcfg.model), fetch.resolve_data(tcfg.data, "train")
         test = ("gsm8k" if tcfg.data == "gsm8k" else "") if tcfg.test_data == "auto" else tcfg.test_data
         test_path = fetch.resolve_data(test, "test") if test else ""
+    if test_path and not os.path.isfile(test_path):  # found now, not after training
+        raise UserError(f"--test_data {test_path}: file not found (\"\" trains without the final score)")
+    runs.check_method(method, mcfg, model_path, tcfg.export)  # its layers, on a weightless copy of the model
     torch.manual_seed(tcfg.seed + rank)  # each rank its own dropout masks (nanoGPT's seed_offset); inits seed apart
-    os.makedirs(run_dir, exist_ok=True)
-    print(json.dumps(dict(train=asdict(tcfg), method_config=asdict(mcfg)), indent=2))
 
     # data: examples -> (ids, n_prompt) -> packed held-out batches; training batches are packed per step
     tok = Tokenizer.from_pretrained(model_path)
@@ -131,6 +153,7 @@ def main(argv=None):
 
     # the model: every process holds it whole until it is wrapped, and evaluates the whole held-out set
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+    base = fingerprint(model)  # recorded with the adapter: eval.py refuses it on another base model
     log_path = os.path.join(run_dir, "log.jsonl")
     log = [] if ckpt else [dict(step=0, val_loss=step.evaluate(model, val_batches), base_model=True)]
 
@@ -146,8 +169,10 @@ def main(argv=None):
         torch.cuda.synchronize()
     init_s = time.time() - t0
     config = dict(train=asdict(tcfg), method_config=asdict(mcfg))  # resolved (LoRA-SB's lr_1 included)
-    if rank == 0:
+    if rank == 0:  # the run's first file: the folder is made (and --overwrite clears the old run) only now
+        runs.start_run_dir(run_dir, tcfg.overwrite)
         runs.save_json(config, os.path.join(run_dir, "config.json"))
+        print(f"settings in {run_dir}/config.json")
     if ckpt is not None:  # whole tensors, loaded before any sharding
         method.load_adapter_state_dict(model, ckpt["adapter"])
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -174,6 +199,7 @@ def main(argv=None):
         if distributed:
             log[-1].update(processes=world, init_rank_diff=init_diff)
         log.append(dict(step=0, val_loss=step.evaluate(model, val_batches)))
+        print(f"held-out loss {log[0]['val_loss']:.4f} (base model), {log[-1]['val_loss']:.4f} after the init")
     if rank == 0:
         runs.write_log(log, log_path)
     print(f"{tcfg.method}: {n_train:,} trainable parameters, init {init_s:.2f}s")
@@ -181,7 +207,7 @@ def main(argv=None):
     def checkpoint(done):  # every rank gathers (FSDP2 shards -> whole tensors); rank 0 writes
         adapter, optimizer = step.whole(method.adapter_state_dict(model)), step.whole(opt.state_dict())
         if rank == 0:
-            runs.save_adapter(adapter, tcfg, mcfg, run_dir, done)
+            runs.save_adapter(adapter, tcfg, mcfg, run_dir, done, base)
             runs.save_checkpoint(run_dir, done, adapter, optimizer, config)
 
     # the loop: nothing in it waits for the GPU except on log, eval and save steps
@@ -227,9 +253,10 @@ def main(argv=None):
                 runs.append_log(dict(step=done, val_loss=round(vl, 5)), log_path)
             bar.write(f"step {done}: held-out loss {vl:.4f}")
         if done % tcfg.save_every == 0 or done == total:
-            if done % tcfg.log_every and done != total:  # never save a broken state
-                loss_val = step.sum_over_ranks([loss_sum.item()], device)[0] / (world * (done - last_log))
-                check_finite(loss_val, grad_norm.item(), done, last_saved, run_dir)
+            # never save broken weights: the step's loss was of the weights before it, so check the ones saved
+            held = vl if done % tcfg.eval_every == 0 or done == total else step.evaluate(
+                model, val_batches[:1] or batches[:1])
+            check_finite(held, 1.0, done, last_saved, run_dir, "held-out loss of the weights to be saved")
             checkpoint(done)
             last_saved = done
     bar.close()
@@ -262,9 +289,11 @@ def main(argv=None):
         method.merge(model)  # fp32 merged weights; save_hf picks the dtype that keeps the update
         runs.save_hf(model, model_path, os.path.join(run_dir, "merged"), tcfg.export_dtype)
         print(f"merged model written to {run_dir}/merged")
-    out = dict(run_dir=run_dir, steps=total - start, trainable_params=n_train, init_s=init_s, train_s=train_s,
+    out = dict(run_dir=run_dir, steps=total, steps_this_run=total - start, trainable_params=n_train, init_s=init_s, train_s=train_s,
                tok_s=tok_all / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
     runs.save_json(out, os.path.join(run_dir, "summary.json"))
+    if fetch.is_synthetic(data_path):
+        print("trained on SYNTHETIC arithmetic problems, NOT GSM8K (GSM8K could not be fetched: pass --data)")
     return out
 
 

