@@ -97,10 +97,25 @@ def load_gsm8k(path, limit=0):
     return rows[:limit] if limit else rows
 
 
+def auto_batch(model, ids, max_new_tokens):
+    """Prompts decoded together when --batch_size is 0: on a GPU as many as their KV cache, logits and prefill
+    activations fit in 40% of the free memory (all of GSM8K test at once for SmolLM2 on an H200: fewer, fuller
+    decode steps); 256 on a CPU."""
+    dev = model.lm_head.weight.device
+    if dev.type != "cuda":
+        return 256
+    c, T = model.cfg, max(map(len, ids)) + max_new_tokens
+    per_row = (2 * c.n_layers * c.n_kv_heads * c.head_dim * T * 2  # k and v, bf16
+               + 3 * c.vocab_size * 4  # the last position's fp32 logits and what sampling makes of them
+               + max(map(len, ids)) * (3 * c.hidden_dim + 6 * c.dim) * 2)  # one block's prefill activations
+    return max(1, min(len(ids), int(0.4 * torch.cuda.mem_get_info(dev)[0]) // per_row))
+
+
 def run_eval(model, tok, rows, template, suffix, batch_size, max_new_tokens, desc="gsm8k"):
     """Greedy completions for every row (longest prompts first, batched), scored. Returns records, summary."""
     prompts = [template.format(question=q) + suffix for q, _ in rows]
     ids = [tok.encode(p, bos=tok.add_bos) for p in prompts]
+    batch_size = batch_size or auto_batch(model, ids, max_new_tokens)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: little padding
     new = [None] * len(ids)
     t0 = time.time()
@@ -132,7 +147,7 @@ def run_eval(model, tok, rows, template, suffix, batch_size, max_new_tokens, des
                             correct=correct, strict=strict, flexible=flex, n_new_tokens=len(new[i])))
     n, n_tok = len(rows), sum(len(o) for o in new)
     summary = dict(accuracy=n_ok / n, strict=n_strict / n, flexible=n_flex / n, invalid_rate=n_invalid / n, n=n,
-                   generated_tokens=n_tok, tok_s=round(n_tok / wall), wall_s=round(wall, 2))
+                   generated_tokens=n_tok, tok_s=round(n_tok / wall), wall_s=round(wall, 2), batch_size=batch_size)
     return records, summary
 
 
@@ -142,7 +157,7 @@ def save_results(records, summary, path):
     runs.save_json(summary, path.replace(".jsonl", ".summary.json"))
 
 
-def score(model, tok, path, limit=0, template=TEMPLATE, out="", batch_size=256, max_new_tokens=256, **meta):
+def score(model, tok, path, limit=0, template=TEMPLATE, out="", batch_size=0, max_new_tokens=256, **meta):
     """The GSM8K score of a model as it is (train.py and fed.py call this on the model as trained: adapters
     unmerged, the training's precision policy) on the first `limit` problems (0: all) of `path`; the records and
     the summary (with `meta`) are written to `out` when given."""
@@ -163,7 +178,7 @@ class EvalConfig:
     adapter: str = ""  # a train.py run folder (out/<run_name>); empty: the base model
     data: str = "gsm8k"  # a GSM8K test.jsonl; gsm8k: GSM8K test (fetched)
     limit: int = 0  # the first N problems only; 0: all
-    batch_size: int = 256  # prompts decoded together
+    batch_size: int = 0  # prompts decoded together; 0: as many as fit in 40% of the free GPU memory (256 on a CPU)
     max_new_tokens: int = 256  # generated tokens per problem at most
     suffix: str = SUFFIX  # appended to the prompt ('' for the training prompt as is)
     ranks: str = ""  # DyLoRA-like methods (NESTED_RANKS): score one adapter at each rank, e.g. 1,2,4,8,16
@@ -183,8 +198,9 @@ def main(argv=None):
         raise UserError(f"--merged_dtype must be float32, bfloat16 or float16, got {args.merged_dtype!r}")
     device = cli.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if min(args.batch_size, args.max_new_tokens) < 1:
-        raise UserError(f"--batch_size and --max_new_tokens must be >= 1, got {args.batch_size}, {args.max_new_tokens}")
+    if args.batch_size < 0 or args.max_new_tokens < 1:
+        raise UserError(f"--batch_size must be >= 0 (0: auto) and --max_new_tokens >= 1, got {args.batch_size}, "
+                        f"{args.max_new_tokens}")
     rows_path = fetch.resolve_data(args.data, "test")
     rows = load_gsm8k(rows_path, args.limit)
     adapter = runs.load_adapter(args.adapter) if args.adapter else None

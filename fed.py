@@ -380,7 +380,8 @@ def dp_generator(dp_seed, seed):
 
 
 def per_example_grads(model, params, x, y):
-    """{name: (N, *shape)}: the gradient of each row's mean target-token loss (one example per row)."""
+    """{name: (N, *shape)}: the gradient of each row's mean target-token loss (one example per row), by
+    torch.func: vmap over examples of grad (model.adapted_linear takes a vmap-able path under it)."""
     from torch.func import functional_call, grad, vmap
 
     def loss(p, xi, yi):

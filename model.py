@@ -456,7 +456,10 @@ def adapted_linear(x, weight, bias, delta):
     out (tests/test_precision.py measures both on the CPU; the README's precision section on the GPU)."""
     x2, d2 = x.flatten(0, -2), delta.flatten(0, -2)  # (N, d_in), (N, d_out)
     dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
-    if x.is_cuda and dt in (torch.bfloat16, torch.float16):
+    if x.is_cuda and dt in (torch.bfloat16, torch.float16) and torch._C._are_functorch_transforms_active():
+        # under torch.func (DP-SGD's per-example gradients): the same single rounding, through ops vmap batches
+        y = torch.addmm(d2.to(dt).float(), x2.to(dt).float(), weight.to(dt).float().t()).to(dt)
+    elif x.is_cuda and dt in (torch.bfloat16, torch.float16):
         y = _AddInAccumulator.apply(x2.to(dt), weight.to(dt), d2.to(dt))
     else:  # the CPU's addmm adds C before rounding (fp32 on CPU: nothing is rounded anyway)
         y = torch.addmm(d2, x2, weight.t())
@@ -620,6 +623,8 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
     cache.slot = torch.full((1,), P, device=device)  # from here on, one token per step at a device-side slot
     next_pos, graph = pos[:, -1:] + 1, None  # (B, 1)
     use_graph = cuda_graph and device.type == "cuda"
+    toks = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)  # (rows, steps): what each row drew
+    seen = 0  # toks[:, :seen] have been read on the host
     for t in range(max_new_tokens):
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
@@ -630,23 +635,31 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
             nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
         else:
             nxt = logits.argmax(-1)  # (rows,)
-        for b, tok in zip(rows, nxt.tolist()):
-            if not done[b]:
-                done[b] = tok in eos
-                out[b] += [] if done[b] else [tok]
-        if stop and ((t + 1) % stop_every == 0 or t + 1 == max_new_tokens):
-            for b in rows:
+        toks[:, t] = nxt
+        # the host reads the tokens only every stop_every steps (each read waits for the GPU); a row that ends in
+        # between computes a few more tokens, which are dropped: the result is the same
+        if (t + 1) % stop_every == 0 or t + 1 == max_new_tokens:
+            for b, new in zip(rows, toks[:, seen:t + 1].tolist()):
+                for tok in new:
+                    if done[b]:
+                        break
+                    done[b] = tok in eos
+                    out[b] += [] if done[b] else [tok]
+            seen = t + 1
+            for b in rows if stop else []:
                 if not done[b] and has_stop(b):
                     done[b] = True
                     while any(s in tokenizer.decode(out[b]) for s in stop):
                         out[b].pop()  # drop the tokens that complete the stop string (and any after it)
-        keep = [j for j, b in enumerate(rows) if not done[b]]
-        if not keep or t + 1 == max_new_tokens:
+            keep = [j for j, b in enumerate(rows) if not done[b]]
+            if not keep:
+                break
+            if len(keep) <= len(rows) // 2:  # compact: finished rows stop costing compute
+                k = torch.tensor(keep, device=device)
+                cache.k, cache.v, cache.valid = cache.k[:, k], cache.v[:, k], cache.valid[k]
+                nxt, next_pos, rows, graph, toks = nxt[k], next_pos[k], [rows[j] for j in keep], None, toks[k]
+        if t + 1 == max_new_tokens:
             break
-        if len(keep) <= len(rows) // 2:  # compact: finished rows stop costing compute
-            k = torch.tensor(keep, device=device)
-            cache.k, cache.v, cache.valid = cache.k[:, k], cache.v[:, k], cache.valid[k]
-            nxt, next_pos, rows, graph = nxt[k], next_pos[k], [rows[j] for j in keep], None
         if use_graph:
             if graph is None:  # (re)record for this batch size
                 graph, g_tok, g_pos, g_logits = capture_decode(model, cache, nxt[:, None], next_pos)

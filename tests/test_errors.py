@@ -216,7 +216,7 @@ def test_eval_errors(tmp_path, tiny_dir, gsm_file, monkeypatch):
     common = ["--model", tiny_dir, "--data", gsm_file, "--device", "cpu", "--limit", "2", "--max_new_tokens", "4"]
     adapter = ["--adapter", str(tmp_path / "a")]
     fails("eval", common + ["--limit", "-3"], "--limit must be >= 0", monkeypatch=monkeypatch)
-    fails("eval", common + ["--batch_size", "0"], "--batch_size and --max_new_tokens must be >= 1",
+    fails("eval", common + ["--batch_size", "-1"], "--batch_size must be >= 0 (0: auto)",
           monkeypatch=monkeypatch)
     fails("eval", common + ["--merged_dtype", "int8"], "--merged_dtype must be", monkeypatch=monkeypatch)
     fails("eval", common + adapter + ["--ranks", "a,b"], "--ranks takes whole numbers", monkeypatch=monkeypatch)
