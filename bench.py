@@ -59,6 +59,7 @@ class BenchConfig:
     cuda_graph: bool = False  # capture each step as one CUDA graph (as train.py --cuda_graph)
     grad_checkpoint: bool = False  # recompute activations in backward
     hf: bool = False  # also time Hugging Face transformers + PEFT (hf-lora, hf-miss, hf-full) on each shape
+    liger: bool = False  # with --hf: also HF + liger-kernel (hf-liger-lora, hf-liger-full; needs liger-kernel, CUDA)
     gsm8k: bool = False  # time train.py's real GSM8K run instead (needs --model, --data; other keys go to train.py)
     smoke: bool = False  # tiny shape, 2 steps, CPU: keeps this path working in CI
     model: str = ""  # --gsm8k: the model folder
@@ -145,9 +146,16 @@ def bench_ours(shape, name, args, device, dtype):
 
 
 def bench_hf(shape, name, args, device):
-    """Hugging Face transformers (+ PEFT): the same shape and batch, bf16 weights, SDPA, fused AdamW, no compile."""
+    """Hugging Face transformers (+ PEFT): the same shape and batch, bf16 weights, SDPA, fused AdamW, no compile.
+    hf-liger-*: the same with liger-kernel's apply_liger_kernel_to_llama (fused RMSNorm, RoPE, SwiGLU and linear
+    cross-entropy: the strongest HF setup a user would pick). Liger patches transformers' Llama classes for the rest
+    of the process, so main() runs these rows after every plain HF row."""
     import transformers
     cfg = SHAPES[shape]
+    liger = name.startswith("hf-liger-")
+    if liger and device.type != "cuda":
+        raise UserError("the hf-liger rows need a CUDA GPU (Liger's kernels are Triton)")
+    name = name.replace("hf-liger-", "hf-")
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -159,6 +167,12 @@ def bench_hf(shape, name, args, device):
         torch.cuda.reset_peak_memory_stats()
     with torch.device(device):
         model = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16)
+    if liger:
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+        except ImportError:
+            raise UserError("the hf-liger rows need liger-kernel: pip install liger-kernel") from None
+        apply_liger_kernel_to_llama(model=model)
     if name == "hf-full":
         model.float()  # fp32 masters, as ours
     else:
@@ -231,6 +245,8 @@ def main(argv=None):
         raise UserError("--batch, --seq and --steps must be >= 1 and --warmup >= 0")
     device = cli.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.liger and not (args.hf and device.type == "cuda"):
+        raise UserError("--liger adds HF + Liger rows beside --hf's, on a CUDA GPU: use --hf --liger there")
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
@@ -240,8 +256,10 @@ def main(argv=None):
         if not args.gsm8k and sh not in SHAPES:
             raise UserError(f"unknown shape {sh!r}: choose from {', '.join(SHAPES)}")
     rows = []
-    jobs = ([("gsm8k", m) for m in methods] if args.gsm8k else
-            [(sh, m) for sh in shapes for m in methods + (["hf-lora", "hf-miss", "hf-full"] if args.hf else [])])
+    hf = ["hf-lora", "hf-miss", "hf-full"] if args.hf else []
+    jobs = ([("gsm8k", m) for m in methods] if args.gsm8k else  # Liger's rows last: it patches transformers
+            [(sh, m) for sh in shapes for m in methods + hf] + [(sh, "hf-liger-" + m[3:]) for sh in shapes
+                                                                for m in hf if args.liger and m != "hf-miss"])
     for shape, m in jobs:
         try:
             row = (bench_gsm8k(m, args, train_args) if shape == "gsm8k" else bench_hf(shape, m, args, device)
