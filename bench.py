@@ -155,7 +155,7 @@ def bench_hf(shape, name, args, device):
     liger = name.startswith("hf-liger-")
     if liger and device.type != "cuda":
         raise UserError("the hf-liger rows need a CUDA GPU (Liger's kernels are Triton)")
-    name = name.replace("hf-liger-", "hf-")
+    label, name = name, name.replace("hf-liger-", "hf-")
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -200,7 +200,7 @@ def bench_hf(shape, name, args, device):
     dt = (time.time() - t0) / args.steps
     tok_s = args.batch * args.seq / dt
     mfu = tok_s * flops_per_token(cfg, args.seq, name == "hf-full") / PEAK_FLOPS
-    return dict(shape=shape, method=name, trainable=sum(p.numel() for p in params), tok_s=tok_s, step_ms=dt * 1e3,
+    return dict(shape=shape, method=label, trainable=sum(p.numel() for p in params), tok_s=tok_s, step_ms=dt * 1e3,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), mfu=mfu, init_s=None,
                 loss=loss)
 
