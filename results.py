@@ -6,8 +6,9 @@ The README's results: every method fine-tuned the same way, scored the same way,
 Each run is `python train.py --method M` at the method's defaults (one epoch of GSM8K train minus 256 held-out
 examples, batch 16, seed 0, max_len 512, cosine schedule, 3% warm-up), evaluated every 50 steps on the held-out
 examples and at the end on GSM8K test with eval.py's protocol (all problems on CUDA). DyLoRA is scored at ranks
-1, 2, 4, 8, 16 from its one run. Runs already finished in --out_dir are read, not redone, so the command can be
-split across sessions and re-run to finish. Writes <out_dir>/results.md (the table), results.json and
+1, 2, 4, 8, 16 from its one run. Runs already finished in --out_dir are read, not redone, and a run cut off is
+resumed from its last checkpoint (started again if it saved none), so the command can be split across sessions
+and re-run to finish. Writes <out_dir>/results.md (the table), results.json and
 <out_dir>/loss.png (held-out loss against step; needs matplotlib). `--merged_check 1` (CUDA) adds, per run, the
 held-out loss and GSM8K accuracy of the model as trained against the same adapter merged into a bf16 base.
 """
@@ -56,6 +57,10 @@ def run(name, args, extra):
     argv = RUNS[name] + ["--model", args.model, "--data", args.data, "--test_data", args.test_data,
                          "--out_dir", args.out_dir, "--run_name", name, "--eval_every", "50", "--log_every", "10",
                          "--save_every", "100000"] + extra
+    if os.path.isfile(os.path.join(out, "ckpt.pt")):  # a run cut off in an earlier session: continue it
+        argv.append("--resume")
+    elif os.path.isdir(out) and os.listdir(out):  # a run that never saved a checkpoint: start it again
+        argv.append("--overwrite")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     rc = subprocess.run([sys.executable, script] + argv).returncode
     if rc:

@@ -219,7 +219,8 @@ def main(argv=None):
     bar = tqdm(range(start, total), initial=start, total=total, desc=tcfg.method, dynamic_ncols=True, disable=rank > 0)
     loss_sum = torch.zeros((), device=device)  # summed on the device between log steps
     t_log, tok_log, slots, last_log, last_saved = time.time(), 0, 0, start, start
-    t_train, t_eval, tok_all, vl = time.time(), 0.0, 0, float("nan")  # the loop's time, evaluations excluded
+    t_train, t_eval, tok_all = time.time(), 0.0, 0  # the loop's time, evaluations excluded
+    vl = next((l["val_loss"] for l in reversed(log) if l.get("val_loss") is not None), float("nan"))  # the latest
     for it in bar:
         lr = step.get_lr(it, tcfg, total)
         step.set_lr(opt, lr)

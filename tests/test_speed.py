@@ -86,3 +86,10 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     monkeypatch.setattr(subprocess, "run", None)  # finished runs are read back, not redone
     rows2 = results.main(argv)
     assert json.loads(json.dumps(rows2)) == json.loads(json.dumps(rows))
+    cmds = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd: cmds.append(cmd) or in_process(cmd))
+    (tmp_path / "lora" / "result.json").unlink()  # as if cut off after its checkpoint: resumed, not refused
+    (tmp_path / "dylora" / "result.json").unlink()
+    (tmp_path / "dylora" / "ckpt.pt").unlink()  # as if cut off before any checkpoint: started again
+    rows3 = results.main(argv)
+    assert "--resume" in cmds[0] and "--overwrite" in cmds[1] and [r["name"] for r in rows3] == ["lora", "dylora"]
