@@ -86,7 +86,7 @@ def merged_check(name, args):
     import data
     import runs
     import step
-    from model import Llama, Tokenizer
+    from model import Tokenizer
     out = os.path.join(args.out_dir, name)
     path = os.path.join(out, "merged.json")
     if os.path.isfile(path):
@@ -96,12 +96,9 @@ def merged_check(name, args):
     _, val_ex, _ = data.splits(cfg, args.data)  # the run's own held-out examples
     val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
     batches = data.eval_batches(val, 16, cfg.max_len, tok.pad_id)
-    method, mcfg, sd, _ = runs.load_adapter(out)
-    model = Llama.from_pretrained(args.model, device="cuda", dtype=torch.bfloat16)
-    method.apply(model, mcfg, init=False)
-    method.load_adapter_state_dict(model, sd)
+    model = runs.load_trained(out, args.model, "cuda", torch.bfloat16)
     trained = step.evaluate(model, batches)
-    method.merge(model)
+    runs.load_adapter(out)[0].merge(model)
     merged = step.evaluate(model.to(torch.bfloat16), batches)
     acc, = ev.main(["--model", args.model, "--adapter", out, "--data", args.test_data, "--merged_dtype",
                     "bfloat16", "--out", os.path.join(out, "gsm8k_merged_bf16.jsonl")])

@@ -89,6 +89,16 @@ def load_adapter(run_dir):
     return method, from_dict(method.Config, meta["config"]), sd, meta
 
 
+def load_trained(run_dir, model_path, device, dtype):
+    """The base model with a run's saved adapter applied (unmerged): the model as trained."""
+    from model import Llama
+    method, mcfg, sd, _ = load_adapter(run_dir)
+    model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+    method.apply(model, mcfg, init=False)
+    method.load_adapter_state_dict(model, sd)
+    return model
+
+
 EXPORT_LOSS = 0.01  # auto: the checkpoint's dtype only if its rounding changes the weights by < 1% of the update
 
 

@@ -100,6 +100,16 @@ def bounded_on_cpu(tcfg, device):
     tcfg.eval_limit = (16 if cpu else 0) if tcfg.eval_limit < 0 else tcfg.eval_limit
 
 
+def resolve(tcfg):
+    """(model folder, training file, test file or "") for the run, fetched into the cache where needed; the test
+    file is looked for now, not after training."""
+    test = ("gsm8k" if tcfg.data == "gsm8k" else "") if tcfg.test_data == "auto" else tcfg.test_data
+    test_path = fetch.resolve_data(test, "test") if test else ""
+    if test_path and not os.path.isfile(test_path):
+        raise UserError(f"--test_data {test_path}: file not found (\"\" trains without the final score)")
+    return fetch.resolve_model(tcfg.model), fetch.resolve_data(tcfg.data, "train"), test_path
+
+
 def check_finite(loss, grad_norm, done, last_saved, run_dir, what="loss"):
     """Stop a run that has broken (a NaN or inf loss or gradient) or died (a zero gradient: nothing more can be
     learnt, as when a huge lr saturates every softmax), pointing at the last checkpoint, which holds good weights."""
@@ -132,11 +142,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()  # this run's peak, even when called in-process after another
     bounded_on_cpu(tcfg, device)
     with step.rank0_first(distributed, rank):  # downloads and conversions into the cache, once
-        model_path, data_path = fetch.resolve_model(tcfg.model), fetch.resolve_data(tcfg.data, "train")
-        test = ("gsm8k" if tcfg.data == "gsm8k" else "") if tcfg.test_data == "auto" else tcfg.test_data
-        test_path = fetch.resolve_data(test, "test") if test else ""
-    if test_path and not os.path.isfile(test_path):  # found now, not after training
-        raise UserError(f"--test_data {test_path}: file not found (\"\" trains without the final score)")
+        model_path, data_path, test_path = resolve(tcfg)
     runs.check_method(method, mcfg, model_path, tcfg.export)  # its layers, on a weightless copy of the model
     torch.manual_seed(tcfg.seed + rank)  # each rank its own dropout masks (nanoGPT's seed_offset); inits seed apart
 
@@ -271,18 +277,13 @@ def main(argv=None):
     # the end: rank 0 alone scores and exports the model as trained (adapters unmerged, the training's precision)
     if distributed:
         train_step = step_model = opt = params = grad_norm = None  # free what uses the process group first
-        if tcfg.fsdp:
-            model = None
         if not step.finish_distributed():
             return None
-        if model is None and (tcfg.export or test_path):  # rank 0 held shards: rebuild the model from its adapter
-            model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
-            method.apply(model, mcfg, init=False)
-            method.load_adapter_state_dict(model, runs.load_adapter(run_dir)[2])
-    summary = None
-    if test_path:
-        summary = ev.score(model, tok, test_path, tcfg.eval_limit, tcfg.template, os.path.join(run_dir, "gsm8k.jsonl"),
-                           method=tcfg.method)
+        if tcfg.fsdp and (tcfg.export or test_path):  # rank 0 held shards: rebuild the model from its adapter
+            model = None  # the shards go first
+            model = runs.load_trained(run_dir, model_path, device, dtype)
+    summary = ev.score(model, tok, test_path, tcfg.eval_limit, tcfg.template, os.path.join(run_dir, "gsm8k.jsonl"),
+                       method=tcfg.method) if test_path else None
     if tcfg.export == "peft":
         runs.save_peft(model, method, os.path.join(run_dir, "peft"), tcfg.model)
         print(f"PEFT adapter written to {run_dir}/peft")
