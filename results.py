@@ -44,7 +44,27 @@ class ResultsConfig:
     methods: str = ",".join(RUNS)  # the runs to do or read, comma-separated
     figure: str = ""  # where the held-out loss figure goes; empty: <out_dir>/loss.png
     merged_check: bool = False  # CUDA: also score each run's adapter merged into a bf16 base (the precision table)
+    stage: str = "table"  # table (one run per method) | sweep (lr grid, seed 0) | seeds (the chosen lr, --seeds) |
+    # report (RESULTS.md and its figure from --results_dir alone, no run)
+    results_dir: str = "results/evidence"  # each finished sweep/seeds run's record (small JSON, committed)
+    lr_factors: tuple = ("0.25", "0.5", "1", "2", "4")  # the sweep: each method's DEFAULT_LR times these
+    seeds: tuple = ("0", "1", "2")  # the seeds run at each method's chosen lr
     # any other --key=value is passed on to every train.py run
+
+
+def train(out_dir, name, argv):
+    """`python train.py argv` as run `name` in out_dir, in its own process (its peak memory and CUDA state are its
+    own). A run cut off after a checkpoint is resumed; one cut off before any is started again."""
+    out = os.path.join(out_dir, name)
+    argv = argv + ["--out_dir", out_dir, "--run_name", name, "--log_every", "10", "--save_every", "100000"]
+    if os.path.isfile(os.path.join(out, "ckpt.pt")):
+        argv.append("--resume")
+    elif os.path.isdir(out) and os.listdir(out):
+        argv.append("--overwrite")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    rc = subprocess.run([sys.executable, script] + argv).returncode
+    if rc:
+        raise UserError(f"the {name} run failed (exit {rc}); its output is above")
 
 
 def run(name, args, extra):
@@ -54,17 +74,8 @@ def run(name, args, extra):
     done = os.path.join(out, "result.json")
     if os.path.isfile(done):
         return json.load(open(done))
-    argv = RUNS[name] + ["--model", args.model, "--data", args.data, "--test_data", args.test_data,
-                         "--out_dir", args.out_dir, "--run_name", name, "--eval_every", "50", "--log_every", "10",
-                         "--save_every", "100000"] + extra
-    if os.path.isfile(os.path.join(out, "ckpt.pt")):  # a run cut off in an earlier session: continue it
-        argv.append("--resume")
-    elif os.path.isdir(out) and os.listdir(out):  # a run that never saved a checkpoint: start it again
-        argv.append("--overwrite")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    rc = subprocess.run([sys.executable, script] + argv).returncode
-    if rc:
-        raise UserError(f"the {name} run failed (exit {rc}); its output is above")
+    train(args.out_dir, name, RUNS[name] + ["--model", args.model, "--data", args.data, "--test_data",
+                                            args.test_data, "--eval_every", "50"] + extra)
     r = json.load(open(os.path.join(out, "summary.json")))
     cfg = json.load(open(os.path.join(out, "config.json")))
     res = dict(name=name, lr=cfg["train"]["lr"], rank=cfg["method_config"].get("rank"), steps=r["steps"],
@@ -76,6 +87,108 @@ def run(name, args, extra):
             ["--model", args.model, "--adapter", out, "--data", args.test_data, "--ranks", DYLORA_RANKS])}
     json.dump(res, open(done, "w"))
     return res
+
+
+# -----------------------------------------------------------------------------
+# the evidence: a learning-rate sweep on the held-out loss (never the test set), then seeds at the chosen lr
+
+def record(out_dir, rname, name):
+    """What a finished run contributes to the evidence: settings, held-out loss curve and end, cost, GSM8K."""
+    s = json.load(open(os.path.join(out_dir, rname, "summary.json")))
+    cfg = json.load(open(os.path.join(out_dir, rname, "config.json")))
+    log = [json.loads(l) for l in open(os.path.join(out_dir, rname, "log.jsonl"))]
+    curve = [(l["step"], l["val_loss"]) for l in log if l.get("val_loss") is not None and not l.get("base_model")]
+    g = s.get("gsm8k") or {}
+    return dict(name=name, method=cfg["train"]["method"], lr=cfg["train"]["lr"], seed=cfg["train"]["seed"],
+                rank=cfg["method_config"].get("rank"), trainable=s["trainable_params"], steps=s["steps"],
+                init_s=s["init_s"], train_s=s["train_s"], peak_gib=s["peak_gib"], val_loss=s["val_loss"],
+                curve=curve, acc=g.get("accuracy"), invalid=g.get("invalid_rate"), n=g.get("n"))
+
+
+def evidence_run(stage, name, lr, seed, args, extra):
+    """One sweep or seeds run, or its committed record; the record is written to results_dir/stage/."""
+    rname = f"{name}_lr{lr:g}_s{seed}"
+    path = os.path.join(args.results_dir, stage, rname + ".json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    test = "" if stage == "sweep" else args.test_data  # the lr is chosen on the held-out loss alone
+    train(os.path.join(args.out_dir, stage), rname, RUNS[name] + [
+        "--model", args.model, "--data", args.data, "--test_data", test, "--lr", f"{lr:g}", "--seed", str(seed),
+        "--eval_every", "25"] + extra)
+    rec = record(os.path.join(args.out_dir, stage), rname, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
+def chosen_lr(name, results_dir):
+    """The swept lr with the lowest held-out loss (seed 0), or None before the sweep has run."""
+    recs = [json.load(open(os.path.join(results_dir, "sweep", f))) for f in sorted(os.listdir(
+        os.path.join(results_dir, "sweep"))) if f.startswith(name + "_lr")] if os.path.isdir(
+        os.path.join(results_dir, "sweep")) else []
+    recs = [r for r in recs if r["name"] == name and r["val_loss"] is not None]
+    return min(recs, key=lambda r: r["val_loss"])["lr"] if recs else None
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def verdict(a, b, claim):
+    """Is the metric lower for the seeds `a` than for `b`? Welch's t of the difference of the means, decisive at the
+    two-sided 95% point of Student's t with n - 1 degrees of freedom (n seeds per side; 4.30 for 3), else
+    inconclusive."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    se = (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5
+    t = (mb - ma) / se if se > 0 else float("inf") * ((mb > ma) - (mb < ma))
+    need = {2: 12.7, 3: 4.3, 4: 3.2, 5: 2.8}.get(min(len(a), len(b)), 2.0)  # t's 97.5% point, n - 1 dof
+    word = "holds" if t >= need else "does not hold" if t <= -need else "inconclusive"
+    return f"{claim}: **{word}** ({ma:.4f} +- {sa:.4f} vs {mb:.4f} +- {sb:.4f}, t = {t:.2f}, decisive at |t| >= {need})"
+
+
+def report(results_dir, path):
+    """RESULTS.md from the committed records alone: the protocol, the sweep, mean +- std per method, verdicts."""
+    load = lambda stage: [json.load(open(os.path.join(results_dir, stage, f))) for f in sorted(os.listdir(
+        os.path.join(results_dir, stage))) if f.endswith(".json")] if os.path.isdir(os.path.join(results_dir, stage)) else []
+    sweep, seeds = load("sweep"), load("seeds")
+    if not sweep and not seeds:
+        raise UserError(f"no records in {results_dir}/sweep or /seeds: run --stage sweep, then --stage seeds")
+    lines = ["# Results", "", "Generated by `python results.py --stage report` from the records in "
+             f"`{results_dir}/` (one JSON per finished run); nothing here is typed by hand.", "",
+             "Protocol: each method at its own defaults (train.py), one epoch of the training file minus the 256-example "
+             "held-out split, batch 16, max_len 512, cosine schedule with 3% warm-up. Learning rate: a sweep over each "
+             "method's default lr times the factors of `--lr_factors`, seed 0, scored on the held-out loss only (never "
+             "the test set); the lowest wins. Then `--seeds` at that lr, scored on the held-out loss and on GSM8K test "
+             "(eval.py's protocol). A verdict compares held-out losses by Welch's t; it is decisive at the two-sided "
+             "95% point of Student's t for the seeds' degrees of freedom (4.30 for 3 seeds per side), else "
+             "inconclusive.", "",
+             "## Sweep (seed 0, held-out loss)", "", "| run | lr | held-out loss |", "|---|---|---|"]
+    for r in sorted(sweep, key=lambda r: (r["name"], r["lr"])):
+        lines.append(f"| {r['name']} | {r['lr']:g} | {r['val_loss']:.4f} |")
+    by = {}
+    for r in seeds:
+        by.setdefault(r["name"], []).append(r)
+    lines += ["", "## At the chosen lr, mean +- std over seeds", "",
+              "| run | lr | seeds | trainable | held-out loss | GSM8K | train s |", "|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(by.items()):
+        (vl, vs), acc = mean_std([r["val_loss"] for r in rs]), [r["acc"] for r in rs if r["acc"] is not None]
+        am, asd = mean_std(acc) if acc else (float("nan"), 0.0)
+        lines.append(f"| {name} | {rs[0]['lr']:g} | {len(rs)} | {rs[0]['trainable']:,} | {vl:.4f} +- {vs:.4f} | "
+                     f"{100 * am:.2f} +- {100 * asd:.2f}% | {mean_std([r['train_s'] for r in rs])[0]:.1f} |")
+    loss = {n: [r["val_loss"] for r in rs] for n, rs in by.items()}
+    claims = [("sb", "xs", "LoRA-SB has a lower held-out loss than LoRA-XS at equal rank"),
+              ("sb", "lora", "LoRA-SB has a lower held-out loss than LoRA r16 (with fewer trainable parameters)"),
+              ("bone", "lora", "Bone fits better than LoRA (held-out loss)"),
+              ("dylora", "lora", "DyLoRA at its full rank is as good as LoRA at that rank (lower loss)")]
+    lines += ["", "## Verdicts (held-out loss; lower is better)", ""]
+    for a, b, claim in claims:
+        lines.append("- " + (verdict(loss[a], loss[b], claim) if a in loss and b in loss and len(loss[a]) > 1 and
+                             len(loss[b]) > 1 else f"{claim}: not run yet"))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def merged_check(name, args):
@@ -145,6 +258,10 @@ def main(argv=None):
         return cli.print_help(__doc__, [("options (others go on to train.py)", ResultsConfig)])
     extra = []
     args, = cli.parse(argv, ResultsConfig(), rest=extra)
+    if args.stage not in ("table", "sweep", "seeds", "report"):
+        raise UserError(f"--stage must be table, sweep, seeds or report, got {args.stage!r}")
+    if args.stage == "report":  # from the committed records alone: no model, no data, no GPU
+        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))
     for k in ("model", "data", "test_data"):
         if not getattr(args, k):
             raise UserError(f"--{k} is required (results.py --model PATH --data train.jsonl --test_data test.jsonl)")
@@ -152,7 +269,24 @@ def main(argv=None):
     for n in names:
         if n not in RUNS:
             raise UserError(f"unknown run {n!r}: choose from {', '.join(RUNS)}")
+    try:
+        factors, seeds = [float(f) for f in args.lr_factors], [int(s) for s in args.seeds]
+    except ValueError:
+        raise UserError("--lr_factors takes numbers (e.g. 0.5,1,2) and --seeds whole numbers (e.g. 0,1,2)") from None
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.stage in ("sweep", "seeds"):
+        import runs
+        for n in names:
+            if args.stage == "sweep":
+                for f in factors:
+                    evidence_run("sweep", n, runs.METHODS[RUNS[n][1]].DEFAULT_LR * f, 0, args, extra)
+                continue
+            lr = chosen_lr(n, args.results_dir)
+            if lr is None:
+                raise UserError(f"no sweep records of {n} in {args.results_dir}/sweep: run --stage sweep first")
+            for s in seeds:
+                evidence_run("seeds", n, lr, s, args, extra)
+        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))
     rows = [run(n, args, extra) for n in names]
     text = table(rows)
     if args.merged_check:  # scored as trained vs merged into a bf16 base (the README's precision table)

@@ -1,5 +1,6 @@
 """The fast path: fixed-shape packing, the shared step function, bench.py's CPU smoke path, results.py."""
 import json
+import os
 import subprocess
 
 import torch
@@ -93,3 +94,50 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     (tmp_path / "dylora" / "ckpt.pt").unlink()  # as if cut off before any checkpoint: started again
     rows3 = results.main(argv)
     assert "--resume" in cmds[0] and "--overwrite" in cmds[1] and [r["name"] for r in rows3] == ["lora", "dylora"]
+
+
+def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypatch):
+    """The evidence pipeline end to end on the tiny model: an lr sweep chosen on the held-out loss (no test set),
+    seeds at the chosen lr, records written one per run; a partial stage resumes; `--stage report` rebuilds the same
+    RESULTS.md from the records alone (no model, no data, no run)."""
+    train = script("train")
+    cmds = []
+
+    def in_process(cmd):
+        cmds.append(cmd)
+        train.main(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(subprocess, "run", in_process)
+    results = script("results")
+    rec = tmp_path / "records"
+    common = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
+              "--results_dir", str(rec), "--methods", "lora,xs", "--lr_factors", "0.5,2", "--seeds", "0,1",
+              "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384", "--eval_limit", "2",
+              "--device", "cpu", "--rank", "4"]
+    results.main(common + ["--stage", "sweep"])
+    sweep = {f: json.load(open(rec / "sweep" / f)) for f in os.listdir(rec / "sweep")}
+    assert len(sweep) == 4 and all(r["acc"] is None for r in sweep.values())  # never scored on the test set
+    assert all("--test_data=" in " ".join(c) or c[c.index("--test_data") + 1] == "" for c in cmds)
+    best = min((r for r in sweep.values() if r["name"] == "lora"), key=lambda r: r["val_loss"])["lr"]
+    assert results.chosen_lr("lora", str(rec)) == best
+    results.main(common + ["--stage", "seeds"])
+    seeds = [json.load(open(rec / "seeds" / f)) for f in sorted(os.listdir(rec / "seeds"))]
+    assert [(r["name"], r["seed"]) for r in seeds] == [("lora", 0), ("lora", 1), ("xs", 0), ("xs", 1)]
+    assert all(r["acc"] is not None and r["lr"] == results.chosen_lr(r["name"], str(rec)) for r in seeds)
+    text = open(rec / "RESULTS.md").read()
+    assert "| lora |" in text and " +- " in text and "Verdicts" in text
+    os.remove(rec / "seeds" / os.listdir(rec / "seeds")[0])  # a stage cut off: only the missing run is redone
+    n = len(cmds)
+    results.main(common + ["--stage", "seeds"])
+    assert len(cmds) == n + 1
+    monkeypatch.setattr(subprocess, "run", None)
+    results.main(["--stage", "report", "--results_dir", str(rec)])
+    assert open(rec / "RESULTS.md").read() == text
+
+
+def test_verdict_statistics():
+    results = script("results")
+    assert "**holds**" in results.verdict([1.0, 1.01, 0.99], [2.0, 2.01, 1.99], "a < b")
+    assert "**does not hold**" in results.verdict([2.0, 2.01, 1.99], [1.0, 1.01, 0.99], "a < b")
+    assert "**inconclusive**" in results.verdict([1.0, 1.2, 0.8], [1.1, 1.3, 0.9], "a < b")  # t = 0.61
+    assert results.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
