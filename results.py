@@ -112,9 +112,10 @@ def evidence_run(stage, name, lr, seed, args, extra):
     if os.path.isfile(path):
         return json.load(open(path))
     test = "" if stage == "sweep" else args.test_data  # the lr is chosen on the held-out loss alone
-    train(os.path.join(args.out_dir, stage), rname, RUNS[name] + [
-        "--model", args.model, "--data", args.data, "--test_data", test, "--lr", f"{lr:g}", "--seed", str(seed),
-        "--eval_every", "25"] + extra)
+    if not os.path.isfile(os.path.join(args.out_dir, stage, rname, "summary.json")):  # else finished: record it
+        train(os.path.join(args.out_dir, stage), rname, RUNS[name] + [
+            "--model", args.model, "--data", args.data, "--test_data", test, "--lr", f"{lr:g}", "--seed", str(seed),
+            "--eval_every", "25"] + extra)
     rec = record(os.path.join(args.out_dir, stage), rname, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -196,6 +197,8 @@ def report(results_dir, path):
                      f"loss ({target:.4f}, LoRA's {lora_steps} steps), per seed: {reach}; {speed} (curves are "
                      f"evaluated every 25 steps, so this resolves 25 steps)")
     try:  # claim 1's figure: held-out loss against trainable parameters
+        if not by:
+            raise ImportError
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -208,7 +211,7 @@ def report(results_dir, path):
         fig.savefig(os.path.join(results_dir, "loss_vs_params.png"), dpi=110, bbox_inches="tight")
         lines += ["", "![held-out loss against trainable parameters](loss_vs_params.png)"]
     except ImportError:
-        lines += ["", "(matplotlib is not installed: no figure)"]
+        lines += ["", "(no figure: no seeds yet, or matplotlib is not installed)"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)

@@ -111,7 +111,7 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     results = script("results")
     rec = tmp_path / "records"
     common = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
-              "--results_dir", str(rec), "--methods", "lora,xs", "--lr_factors", "0.5,2", "--seeds", "0,1",
+              "--results_dir", str(rec), "--methods", "lora,ga", "--lr_factors", "0.5,2", "--seeds", "0,1",
               "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384", "--eval_limit", "2",
               "--device", "cpu", "--rank", "4"]
     results.main(common + ["--stage", "sweep"])
@@ -122,14 +122,19 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     assert results.chosen_lr("lora", str(rec)) == best
     results.main(common + ["--stage", "seeds"])
     seeds = [json.load(open(rec / "seeds" / f)) for f in sorted(os.listdir(rec / "seeds"))]
-    assert [(r["name"], r["seed"]) for r in seeds] == [("lora", 0), ("lora", 1), ("xs", 0), ("xs", 1)]
+    assert [(r["name"], r["seed"]) for r in seeds] == [("ga", 0), ("ga", 1), ("lora", 0), ("lora", 1)]
     assert all(r["acc"] is not None and r["lr"] == results.chosen_lr(r["name"], str(rec)) for r in seeds)
     text = open(rec / "RESULTS.md").read()
-    assert "| lora |" in text and " +- " in text and "Verdicts" in text
-    os.remove(rec / "seeds" / os.listdir(rec / "seeds")[0])  # a stage cut off: only the missing run is redone
+    assert "| lora |" in text and " +- " in text and "Verdicts" in text and "LoRA-GA converges" in text
+    import shutil
+    first = sorted(os.listdir(rec / "seeds"))[0]
+    os.remove(rec / "seeds" / first)  # a record lost, its finished run still there: recorded again, not rerun
+    os.remove(rec / "seeds" / sorted(os.listdir(rec / "seeds"))[0])
+    shutil.rmtree(tmp_path / "runs" / "seeds" / first[:-5])  # ... and a run that never finished: run again
     n = len(cmds)
     results.main(common + ["--stage", "seeds"])
-    assert len(cmds) == n + 1
+    assert len(cmds) == n + 1 and len(os.listdir(rec / "seeds")) == 4
+    text = open(rec / "RESULTS.md").read()
     monkeypatch.setattr(subprocess, "run", None)
     results.main(["--stage", "report", "--results_dir", str(rec)])
     assert open(rec / "RESULTS.md").read() == text
