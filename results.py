@@ -36,7 +36,7 @@ DYLORA_RANKS = "1,2,4,8,16"  # the ranks a run of a method with NESTED_RANKS is 
 
 
 @dataclass
-class ResultsConfig:
+class ResultsConfig:  # any other --key=value is passed on to every train.py run
     model: str = ""  # the base model: a Hugging Face folder (required)
     data: str = ""  # GSM8K train.jsonl (required)
     test_data: str = ""  # GSM8K test.jsonl (required)
@@ -49,7 +49,6 @@ class ResultsConfig:
     results_dir: str = "results/evidence"  # each finished sweep/seeds run's record (small JSON, committed)
     lr_factors: tuple = ("0.25", "0.5", "1", "2", "4")  # the sweep: each method's DEFAULT_LR times these
     seeds: tuple = ("0", "1", "2")  # the seeds run at each method's chosen lr
-    # any other --key=value is passed on to every train.py run
 
 
 def train(out_dir, name, argv):
