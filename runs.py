@@ -241,8 +241,12 @@ def check_method(method, mcfg, model_path, export=""):
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"no config.json in {model_path}: point --model at a Hugging Face checkpoint folder")
+    try:
+        hf_config = json.load(open(path))
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): the model folder is damaged") from None
     with torch.device("meta"):
-        model = Llama(ModelConfig.from_hf(json.load(open(path))))
+        model = Llama(ModelConfig.from_hf(hf_config))
     method.apply(model, mcfg, init=False)  # model.swap_linears refuses --targets that name no layer
     if export == "peft":
         if method.Linear is None:
