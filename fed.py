@@ -503,13 +503,13 @@ def main(argv=None):
     # the model and the global adapter: a gradient init (LoRA-SB) is computed once, centrally, and shared
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
     base_loss = step.evaluate(model, val_batches) if saved is None else None
-    grads = None
-    if saved is None and method.GRADIENT_INIT:
+    comm = communication(model, cfg, mcfg)  # from the base model's module shapes
+    if saved is None:
         init_seqs = seqs if not cfg.sb_init_data else data.tokenize(
             data.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
-        grads = step.gradient_init(model, method, mcfg, init_seqs, cfg, tok.pad_id, rank, world)
-    comm = communication(model, cfg, mcfg)  # from the base model's module shapes
-    method.apply(model, mcfg, grads, init=saved is None, first_lr=step.get_lr(0, cfg, steps[0]))
+        step.init_method(model, method, mcfg, init_seqs, cfg, tok.pad_id, step.get_lr(0, cfg, steps[0]), rank, world)
+    else:  # the layers only: the saved state fills them
+        method.apply(model, mcfg, init=False)
     for name, p in model.named_parameters():  # what the strategy keeps at its shared init (FFA-LoRA: A)
         if name.rsplit(".", 1)[-1] in strategy.frozen:
             p.requires_grad_(False)

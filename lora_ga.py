@@ -56,7 +56,9 @@ class Config:
     rslora: bool = True  # s = alpha / sqrt(r) (the paper's Algorithm 1); false: alpha / r (the official example)
     direction: str = "ArB2r"  # which singular vectors: ArB2r (paper) | A2rBr | ArBr | random (official options)
     init_samples: int = 64  # training examples whose mean gradient defines the init (official example: 128)
-    init_offload: bool = False  # accumulate init gradients on the CPU (large models)
+    init_offload: bool = False  # accumulate the init gradients on the CPU (large models)
+    init_stream: bool = False  # one process: one backward over the init examples, each layer initialised as soon as
+    # its gradient is complete, then freed: at most a layer's gradient at once, not every layer's (step.stream_init)
     svd: str = "exact"  # exact | lowrank (randomized, q = 2r + 16)
     svd_niter: int = 4  # power iterations of --svd lowrank
     targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
@@ -127,9 +129,9 @@ def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     if cfg.direction not in DIRECTIONS:
         raise UserError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {cfg.direction!r}")
     model.requires_grad_(False)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     def build(name, lin):
+        gen = torch.Generator().manual_seed(cfg.seed)  # per layer: its init does not depend on the others' order
         dev, d_out, d_in = lin.weight.device, lin.out_features, lin.in_features
         dtype = torch.promote_types(lin.weight.dtype, torch.float32)  # fp32 (fp64 for an fp64 model)
         if not 1 <= 2 * r <= min(d_out, d_in):

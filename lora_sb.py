@@ -55,7 +55,9 @@ class Config:
     init_samples: int = 64  # training examples whose gradient defines the first update (paper: 50)
     sb_update: str = "sign"  # sign: -lr_1 sign(G) (Adam's first step) | grad: -lr_1 G (SGD's)
     lr_1: float = 0.0  # the init step's learning rate; 0: the run's first optimizer step's (apply's first_lr)
-    init_offload: bool = False  # accumulate init gradients on the CPU (large models)
+    init_offload: bool = False  # accumulate the init gradients on the CPU (large models)
+    init_stream: bool = False  # one process: one backward over the init examples, each layer initialised as soon as
+    # its gradient is complete, then freed: at most a layer's gradient at once, not every layer's (step.stream_init)
     svd: str = "lowrank"  # lowrank (randomized, power iterations) | exact
     svd_niter: int = 4  # power iterations of --svd lowrank
     targets: tuple = TARGETS  # the adapted nn.Linear names (HF module names), comma-separated
@@ -90,9 +92,9 @@ def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
         print(f"LoRA-SB: lr_1 = {cfg.lr_1:.2g} moves every weight by that much in the init step (-lr_1 sign(G)); "
               f"that usually hurts: more warm-up steps or --lr_1 set it apart from the learning rate of R")
     model.requires_grad_(False)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     def build(name, lin):
+        gen = torch.Generator().manual_seed(cfg.seed)  # per layer: its init does not depend on the others' order
         if not 1 <= r <= min(lin.weight.shape):
             raise UserError(f"--rank={r} must be between 1 and {min(lin.weight.shape)} for {name}")
         dev, d_out, d_in = lin.weight.device, lin.out_features, lin.in_features

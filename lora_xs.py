@@ -45,11 +45,13 @@ class Config:
 def truncated_svd(M, r, method="exact", niter=4, gen=None):
     """Top-r singular triplets of M (d_out, d_in) in fp32 (or fp64): U (d_out, r), S (r,), Vh (r, d_in).
     lowrank: Halko et al. 2011 (Alg. 4.4): a Gaussian sketch with r + 16 columns, `niter` power iterations
-    (each re-orthonormalised), then an exact SVD of the small projected matrix."""
+    (each re-orthonormalised), then an exact SVD of the small projected matrix. Each pair's sign, which an SVD leaves
+    free, is fixed (the largest |entry| of u_i positive), so the factors are a function of M up to rounding: gradients
+    summed in another order (several processes, one pass or micro-batches) give the same init."""
     M = M.to(torch.promote_types(M.dtype, torch.float32))  # fp32 at least
     if method == "exact":
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return U[:, :r], S[:r], Vh[:r]
+        return canonical_signs(U[:, :r], S[:r], Vh[:r])
     if method != "lowrank":
         raise UserError(f"--svd must be exact or lowrank, got {method!r}")
     q = min(r + 16, *M.shape)
@@ -59,7 +61,14 @@ def truncated_svd(M, r, method="exact", niter=4, gen=None):
         Q = torch.linalg.qr(M.T @ Q).Q
         Q = torch.linalg.qr(M @ Q).Q
     U, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)  # (q, d_in): small
-    return (Q @ U)[:, :r], S[:r], Vh[:r]
+    return canonical_signs((Q @ U)[:, :r], S[:r], Vh[:r])
+
+
+def canonical_signs(U, S, Vh):
+    """u_i and v_i flipped together (U S Vh unchanged) so that the largest |entry| of each u_i is positive."""
+    s = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))  # (1, r)
+    s[s == 0] = 1
+    return U * s, S, Vh * s.T
 
 
 class Linear(nn.Linear):

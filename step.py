@@ -274,6 +274,58 @@ def gradient_init(model, method, mcfg, seqs, cfg, pad_id, rank=0, world=1):
     return grads
 
 
+def stream_init(model, method, mcfg, seqs, cfg, pad_id, first_lr):
+    """A gradient-initialised method (method.GRADIENT_INIT) in one process, without ever holding every layer's
+    gradient: all init examples go through one forward and one backward, the blocks recomputed in the backward
+    (activation checkpointing), and each target layer is initialised by the method as soon as its gradient over
+    all of them is complete (a post-accumulate hook), that gradient then dropped. So at most the layers of one
+    block hold a gradient at once, where gradient_init holds an fp32 one for every target weight. G is the
+    gradient of the mean loss over every target token, as in gradient_init; each layer's method.apply runs on that
+    layer alone (its randomized SVD, if any, draws from the seed afresh for each layer)."""
+    from data import pack
+    idxs = example_order(len(seqs), cfg.seed, 0, mcfg.init_samples)
+    x, y, pos = pack([seqs[i] for i in idxs], cfg.max_len, pad_id)  # (R, T): every init example in one batch
+    dev = model.lm_head.weight.device
+    model.requires_grad_(False)
+    hooks = []
+    for parent_name, parent in list(model.named_modules()):
+        for child, lin in list(parent.named_children()):
+            if type(lin) is not nn.Linear or child not in mcfg.targets:
+                continue
+
+            def init_layer(w, parent=parent, child=child, lin=lin):
+                G = w.grad.float()  # (d_out, d_in): complete, one backward covers every init example
+                w.grad = None
+                holder = nn.Module()  # apply freezes and swaps within it: the layer's siblings are untouched
+                holder.add_module(child, lin)
+                targets, mcfg.targets = mcfg.targets, (child,)  # the run's own config: what apply resolves is kept
+                try:
+                    method.apply(holder, mcfg, {child: G}, first_lr=first_lr)
+                finally:
+                    mcfg.targets = targets
+                setattr(parent, child, getattr(holder, child))
+            lin.weight.requires_grad_(True)
+            hooks.append(lin.weight.register_post_accumulate_grad_hook(init_layer))
+    checkpointing, model.grad_checkpoint = model.grad_checkpoint, True
+    with autocast(dev):
+        loss = model(x.to(dev), y.to(dev), pos.to(dev))[1]  # the mean over every target token
+    loss.backward()
+    model.grad_checkpoint = checkpointing
+    for h in hooks:
+        h.remove()
+    return model
+
+
+def init_method(model, method, mcfg, seqs, cfg, pad_id, first_lr, rank=0, world=1):
+    """The method applied to the model with its initialisation: from gradients of the first training examples where
+    it needs them (Config.init_stream in one process: layer by layer; else all of them, summed over the processes
+    under torchrun)."""
+    if method.GRADIENT_INIT and mcfg.init_stream and world == 1:
+        return stream_init(model, method, mcfg, seqs, cfg, pad_id, first_lr)
+    grads = gradient_init(model, method, mcfg, seqs, cfg, pad_id, rank, world)
+    return method.apply(model, mcfg, grads, first_lr=first_lr)
+
+
 def finish_distributed():
     """Leave the process group cleanly: free what uses it first (the caller drops DDP/FSDP2 objects), then let every
     rank's last collective complete (gloo can abort a process whose FSDP2 state is torn down only at exit).

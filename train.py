@@ -165,12 +165,13 @@ def main(argv=None):
 
     # the method: its initialisation (from gradients of the first examples where it needs them), timed
     t0 = time.time()
-    grads = step.gradient_init(model, method, mcfg, train, tcfg, tok.pad_id, rank, world) if ckpt is None else None
-    method.apply(model, mcfg, grads, init=ckpt is None, first_lr=step.get_lr(0, tcfg, total))
+    if ckpt is None:
+        step.init_method(model, method, mcfg, train, tcfg, tok.pad_id, step.get_lr(0, tcfg, total), rank, world)
+    else:  # the layers only: the checkpoint fills them
+        method.apply(model, mcfg, init=False)
     init_diff = None  # every rank built the init from the same summed gradient: check that they agree
-    if distributed and grads is not None:
+    if distributed and method.GRADIENT_INIT and ckpt is None:
         init_diff = step.rank_disagreement(method.adapter_state_dict(model).values())
-    del grads
     if device.type == "cuda":
         torch.cuda.synchronize()
     init_s = time.time() - t0

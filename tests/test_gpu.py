@@ -185,3 +185,25 @@ def test_per_example_grads_on_cuda():
             # here: math attention, fp32 logits) differ by ~2% (measured 2.0% on the H200); a wrong row or a lost
             # adapter term would be off by ~100%
             assert (g[n][i].float() - r.float()).norm() <= 0.05 * r.float().norm() + 1e-8, n
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.GRADIENT_INIT])
+def test_streamed_init_on_cuda(name):
+    """The streamed init (one backward with activation checkpointing, each layer initialised in its gradient's hook)
+    under the CUDA policy gives gradient_init + apply's adapter, to bf16 rounding of the gradient."""
+    seqs = examples(32)
+    ocfg = step.OptimConfig(batch_size=8)
+    ocfg.seed, ocfg.max_len = 0, 128
+    states = []
+    for streamed in (False, True):
+        model = Llama(CFG).init_weights(seed=0).to(DEV, torch.bfloat16).requires_grad_(False)
+        mcfg = METHODS[name].Config(**SMALL[name], **({} if name == "sb" else dict(init_samples=8)))
+        if streamed:
+            step.stream_init(model, METHODS[name], mcfg, seqs, ocfg, 0, 1e-4)
+        else:
+            METHODS[name].apply(model, mcfg, step.gradient_init(model, METHODS[name], mcfg, seqs, ocfg, 0),
+                                first_lr=1e-4)
+        states.append({k: v.float().cpu() for k, v in METHODS[name].adapter_state_dict(model).items()})
+    for k in states[0]:
+        a, b = states
+        assert (a[k] - b[k]).norm() <= 0.05 * a[k].norm() + 1e-6, (k, (a[k] - b[k]).norm() / a[k].norm())

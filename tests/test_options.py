@@ -143,6 +143,16 @@ def test_init_offload_gives_the_same_gradients(tiny_dir, gsm_file):
     assert a.keys() == b.keys() and all(b[n].device.type == "cpu" and torch.equal(a[n], b[n]) for n in a)
 
 
+def test_init_stream_through_train(tmp_path, tiny_dir, gsm_file):
+    """--init_stream: the run initialises layer by layer (step.stream_init) and trains as usual."""
+    for method in ("sb", "ga"):
+        args = ["--model", tiny_dir, "--data", gsm_file, "--val_size", "8", "--batch_size", "4", "--max_len", "384",
+                "--out_dir", str(tmp_path), "--run_name", method, "--device", "cpu", "--method", method, "--rank", "4",
+                "--init_samples", "8", "--init_stream", "--max_steps", "2"]
+        assert train.main(args)["steps"] == 2
+        assert json.load(open(tmp_path / method / "config.json"))["method_config"]["init_stream"] is True
+
+
 def test_lora_rslora_scale():
     """rsLoRA: the update is (alpha / sqrt(r)) B A instead of (alpha / r) B A, in the forward and the merge."""
     for rslora, scale in ((False, 32 / 8), (True, 32 / math.sqrt(8))):
@@ -182,8 +192,8 @@ def test_sb_init_data_and_eval_gsm8k(tmp_path, tiny_dir, gsm_file, monkeypatch):
     --eval_gsm8k N scores the global model on the first N problems of --test_data at the end."""
     public = write_gsm8k(tmp_path / "public.jsonl", n=10, seed=7)
     seen = []
-    real = step.gradient_init
-    monkeypatch.setattr(step, "gradient_init", lambda model, method, mcfg, seqs, *a: seen.append(seqs) or
+    real = step.init_method
+    monkeypatch.setattr(step, "init_method", lambda model, method, mcfg, seqs, *a: seen.append(seqs) or
                         real(model, method, mcfg, seqs, *a))
     s = fed.main(fed_args(tmp_path, tiny_dir, gsm_file, "--method", "sb", "--clients", "2", "--rounds", "1",
                           "--init_samples", "4", "--sb_init_data", public, "--eval_gsm8k", "3",
