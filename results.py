@@ -32,6 +32,12 @@ RUNS = {  # name: train.py flags beyond the shared ones (each method's own defau
     "bone-shared": ["--method", "bone", "--bone_variant", "shared"],
     "dylora": ["--method", "dylora"],
 }
+MAIN = list(RUNS)  # the default --methods: each method (and Bone's two forms) at its own defaults
+RUNS.update({  # claim 1's figure (held-out loss against trainable parameters): ranks and block sizes around those
+    **{f"lora-r{r}": ["--method", "lora", "--rank", str(r), "--alpha", str(2 * r)] for r in (1, 4, 64)},
+    **{f"{m}-r{r}": ["--method", m, "--rank", str(r)] for m in ("xs", "sb") for r in (16, 128, 192)},  # 192: k_proj's side
+    "bone-b32": ["--method", "bone", "--block_size", "32"],
+})
 DYLORA_RANKS = "1,2,4,8,16"  # the ranks a run of a method with NESTED_RANKS is scored at
 
 
@@ -41,7 +47,7 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     data: str = ""  # GSM8K train.jsonl (required)
     test_data: str = ""  # GSM8K test.jsonl (required)
     out_dir: str = "out/results"  # one run folder per method, plus results.md, results.json and loss.png
-    methods: str = ",".join(RUNS)  # the runs to do or read, comma-separated
+    methods: str = ",".join(MAIN)  # the runs to do or read, comma-separated (RUNS also has rank/block variants)
     figure: str = ""  # where the held-out loss figure goes; empty: <out_dir>/loss.png
     merged_check: bool = False  # CUDA: also score each run's adapter merged into a bf16 base (the precision table)
     stage: str = "table"  # table (one run per method) | sweep (lr grid, seed 0) | seeds (the chosen lr, --seeds) |
