@@ -55,8 +55,9 @@ class Linear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias  # the frozen base Parameters themselves
         r, dev = cfg.rank, base.weight.device
         if r > min(base.weight.shape):
-            raise UserError(f"--rank={r} exceeds {min(base.weight.shape)}, the smaller side of a {base.weight.shape[0]} "
-                            f"x {base.weight.shape[1]} target layer")
+            d_out, d_in = base.weight.shape
+            raise UserError(f"--rank={r} exceeds {min(d_out, d_in)}, the smaller side of a {d_out} x {d_in} "
+                            "target layer")
         A = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
         self.lora_A = nn.Parameter(A.to(dev))  # (r, d_in), fp32
@@ -90,7 +91,8 @@ class Linear(nn.Linear):
 def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
     """Freeze the model and swap every targeted nn.Linear for a DyLoRA Linear of max rank r."""
     if cfg.rank < 1 or not 0 <= cfg.eval_rank <= cfg.rank:
-        raise UserError(f"--rank must be >= 1 and --eval_rank between 1 and rank (0: rank), got {cfg.rank}, {cfg.eval_rank}")
+        raise UserError(f"--rank must be >= 1 and --eval_rank between 1 and rank (0: rank), got {cfg.rank}, "
+                        f"{cfg.eval_rank}")
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
     return swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, gen).train(lin.training))

@@ -247,7 +247,8 @@ def main(argv=None):
         save_results(records, summary, out if rank is None else out.replace(".jsonl", f"_r{rank}.jsonl"))
         summaries.append(summary)
         print(f"{'rank ' + str(rank) + ': ' if rank else ''}"
-              f"{'SYNTHETIC problems, NOT GSM8K: ' if fetch.is_synthetic(rows_path) else ''}accuracy {summary['accuracy']:.4f} "
+              f"{'SYNTHETIC problems, NOT GSM8K: ' if fetch.is_synthetic(rows_path) else ''}"
+              f"accuracy {summary['accuracy']:.4f} "
               f"(strict {summary['strict']:.4f}, flexible {summary['flexible']:.4f}, invalid "
               f"{summary['invalid_rate']:.4f}) on {summary['n']} problems; {summary['tok_s']} tok/s, "
               f"{summary['wall_s']} s")

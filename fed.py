@@ -451,9 +451,12 @@ def main(argv=None):
     # set-up: the config (a resumed run's own, then this command line), processes, device, files
     argv = sys.argv[1:] if argv is None else argv
     if cli.wants_help(argv):
-        return cli.print_help(__doc__, [("federated", FedConfig), ("data", DataConfig), ("optimizer (each client's)", OptimConfig)] +
-                              [(f"{m.__name__}.py options (--method {', '.join(k for k, s in STRATEGIES.items() if s.method is m)})",
-                                m.Config) for m in dict.fromkeys(s.method for s in STRATEGIES.values())])
+        files = dict.fromkeys(s.method for s in STRATEGIES.values())  # each method file once
+        return cli.print_help(__doc__, [("federated", FedConfig), ("data", DataConfig),
+                                        ("optimizer (each client's)", OptimConfig)] +
+                              [(f"{m.__name__}.py options (--method "
+                                f"{', '.join(k for k, s in STRATEGIES.items() if s.method is m)})", m.Config)
+                               for m in files])
     cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS)
     run_dir = os.path.join(cfg.out_dir, cfg.run_name or cfg.method)
     state_path = os.path.join(run_dir, "fed_state.pt")

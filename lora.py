@@ -45,8 +45,9 @@ class Linear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias  # the frozen base Parameters themselves
         r, dev = cfg.rank, base.weight.device
         if r > min(base.weight.shape):  # B A could not have rank r: only parameters would be added
-            raise UserError(f"--rank={r} exceeds {min(base.weight.shape)}, the smaller side of a {base.weight.shape[0]} "
-                            f"x {base.weight.shape[1]} target layer")
+            d_out, d_in = base.weight.shape
+            raise UserError(f"--rank={r} exceeds {min(d_out, d_in)}, the smaller side of a {d_out} x {d_in} "
+                            "target layer")
         self.scale = cfg.alpha / (math.sqrt(r) if cfg.rslora else r)
         self.dropout = cfg.dropout
         A = torch.empty(r, self.in_features)

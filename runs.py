@@ -129,7 +129,8 @@ def save_hf(model, src, out, dtype="auto"):
         dt = src_dtype if lost(src_dtype) <= EXPORT_LOSS else torch.float32
         if dt != src_dtype:
             print(f"merged export in float32: rounding to the checkpoint's {str(src_dtype)[6:]} would change the "
-                  f"weights by {lost(src_dtype):.1%} of the update (--export_dtype {str(src_dtype)[6:]} writes it anyway)")
+                  f"weights by {lost(src_dtype):.1%} of the update "
+                  f"(--export_dtype {str(src_dtype)[6:]} writes it anyway)")
     else:
         dt = getattr(torch, dtype)
     loss = lost(dt)

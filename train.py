@@ -43,7 +43,7 @@ class TrainConfig(DataConfig, OptimConfig):
     test_data: str = "auto"  # GSM8K test file scored after training; auto: GSM8K test if --data is gsm8k; "": none
     eval_limit: int = -1  # test problems to score; 0: all; -1 (auto): all on CUDA, 16 on CPU
     epochs: float = 1.0  # passes over the training examples (fractions allowed), unless --max_steps is set
-    max_steps: int = -1  # > 0: this many optimizer steps instead of --epochs; 0: --epochs; -1 (auto): 0 on CUDA, 8 on CPU
+    max_steps: int = -1  # > 0: this many optimizer steps instead of --epochs; 0: --epochs; -1: 0 on CUDA, 8 on CPU
     seed: int = 0  # data order, dropout and the method's own draws (a method's --seed too)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "bfloat16"  # of the frozen base on CUDA: bfloat16 | float16 | float32 (CPU always runs fp32)
@@ -247,7 +247,8 @@ def main(argv=None):
             dt = time.time() - t_log
             entry = dict(step=done, loss=round(loss_val, 5), lr=lr, grad_norm=round(grad_norm.item(), 5),
                          tok_s=round(tok_log / dt), pad_frac=round(1 - tok_log / all_slots, 4),
-                         peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None)
+                         peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
+                         else None)
             if rank == 0:
                 runs.append_log(entry, log_path)
             bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=entry["tok_s"])
@@ -292,8 +293,8 @@ def main(argv=None):
         method.merge(model)  # fp32 merged weights; save_hf picks the dtype that keeps the update
         runs.save_hf(model, model_path, os.path.join(run_dir, "merged"), tcfg.export_dtype)
         print(f"merged model written to {run_dir}/merged")
-    out = dict(run_dir=run_dir, steps=total, steps_this_run=total - start, trainable_params=n_train, init_s=init_s, train_s=train_s,
-               tok_s=tok_all / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
+    out = dict(run_dir=run_dir, steps=total, steps_this_run=total - start, trainable_params=n_train, init_s=init_s,
+               train_s=train_s, tok_s=tok_all / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
     runs.save_json(out, os.path.join(run_dir, "summary.json"))
     if fetch.is_synthetic(data_path):
         print("trained on SYNTHETIC arithmetic problems, NOT GSM8K (GSM8K could not be fetched: pass --data)")
