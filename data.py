@@ -190,6 +190,11 @@ def splits(cfg, path):
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx], train_idx
 
 
+EVAL_EXAMPLES = 64  # held-out examples per forward: no activations are kept for a backward, so more fit than in a step
+
+
 def eval_batches(seqs, micro, max_len, pad_id):
-    """The held-out examples packed `micro` at a time, in file order: [(x, y, pos)]."""
-    return [pack(seqs[j:j + micro], max_len, pad_id) for j in range(0, len(seqs), micro)]
+    """The held-out examples packed max(micro, EVAL_EXAMPLES) at a time, in file order: [(x, y, pos)]. Fewer, larger
+    forwards: a small model's held-out loss is bound by per-forward overhead, not by its tokens."""
+    n = max(micro, EVAL_EXAMPLES)
+    return [pack(seqs[j:j + n], max_len, pad_id) for j in range(0, len(seqs), n)]

@@ -53,7 +53,8 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     stage: str = "table"  # table (one run per method) | sweep (lr grid, seed 0) | seeds (the chosen lr, --seeds) |
     # report (RESULTS.md and its figure from --results_dir alone, no run)
     results_dir: str = "results/evidence"  # each finished sweep/seeds run's record (small JSON, committed)
-    lr_factors: tuple = ("0.25", "0.5", "1", "2", "4")  # the sweep: each method's DEFAULT_LR times these
+    lr_factors: tuple = ("0.25", "1", "4", "16")  # the sweep: each method's DEFAULT_LR times these (the defaults are
+    # the papers' 7B settings; a small model often wants more)
     seeds: tuple = ("0", "1", "2")  # the seeds run at each method's chosen lr
 
 
@@ -67,9 +68,11 @@ def train(out_dir, name, argv):
     elif os.path.isdir(out) and os.listdir(out):
         argv.append("--overwrite")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    rc = subprocess.run([sys.executable, script] + argv).returncode
-    if rc:
-        raise UserError(f"the {name} run failed (exit {rc}); its output is above")
+    proc = subprocess.run([sys.executable, script] + argv, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
+        raise UserError(f"the {name} run failed (exit {proc.returncode}: {last[:300]}); its output is above")
 
 
 def run(name, args, extra):
@@ -117,11 +120,20 @@ def evidence_run(stage, name, lr, seed, args, extra):
     if os.path.isfile(path):
         return json.load(open(path))
     test = "" if stage == "sweep" else args.test_data  # the lr is chosen on the held-out loss alone
+    failed = None
     if not os.path.isfile(os.path.join(args.out_dir, stage, rname, "summary.json")):  # else finished: record it
-        train(os.path.join(args.out_dir, stage), rname, RUNS[name] + [
-            "--model", args.model, "--data", args.data, "--test_data", test, "--lr", f"{lr:g}", "--seed", str(seed),
-            "--eval_every", "25"] + extra)
-    rec = record(os.path.join(args.out_dir, stage), rname, name)
+        try:
+            train(os.path.join(args.out_dir, stage), rname, RUNS[name] + [
+                "--model", args.model, "--data", args.data, "--test_data", test, "--lr", f"{lr:g}", "--seed",
+                str(seed), "--eval_every", "25"] + extra)
+        except UserError as e:
+            if stage != "sweep" or "training stopped" not in str(e):
+                raise
+            failed = str(e)  # a sweep's large lr may diverge (train.py stops it): a result, not an error
+    if failed:
+        rec = dict(name=name, method=RUNS[name][1], lr=lr, seed=seed, val_loss=None, diverged=True)
+    else:
+        rec = record(os.path.join(args.out_dir, stage), rname, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
@@ -174,8 +186,16 @@ def report(results_dir, path):
              "95% point of Student's t for the seeds' degrees of freedom (4.30 for 3 seeds per side), else "
              "inconclusive.", "",
              "## Sweep (seed 0, held-out loss)", "", "| run | lr | held-out loss |", "|---|---|---|"]
+    best = {}
+    for r in sweep:
+        if r["val_loss"] is not None and (r["name"] not in best or r["val_loss"] < best[r["name"]]["val_loss"]):
+            best[r["name"]] = r
     for r in sorted(sweep, key=lambda r: (r["name"], r["lr"])):
-        lines.append(f"| {r['name']} | {r['lr']:g} | {r['val_loss']:.4f} |")
+        lrs = sorted(q["lr"] for q in sweep if q["name"] == r["name"])
+        mark = "" if best.get(r["name"]) is not r else " (chosen" + (
+            ", at the grid's edge: the best lr may lie beyond it)" if r["lr"] in (lrs[0], lrs[-1]) else ")")
+        loss = "diverged (stopped by train.py)" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        lines.append(f"| {r['name']} | {r['lr']:g} | {loss}{mark} |")
     by = {}
     for r in seeds:
         by.setdefault(r["name"], []).append(r)

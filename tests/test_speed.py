@@ -8,6 +8,7 @@ import torch
 import data
 import lora
 import step
+from cli import UserError
 from conftest import script
 from model import Llama, ModelConfig
 
@@ -72,9 +73,9 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     (results.py starts a process per run: here that would be two torch imports), and finished runs are read back."""
     train = script("train")
 
-    def in_process(cmd):  # [python, train.py, *argv]
+    def in_process(cmd, **kw):  # [python, train.py, *argv]
         train.main(cmd[2:])
-        return subprocess.CompletedProcess(cmd, 0)
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
     monkeypatch.setattr(subprocess, "run", in_process)
     results = script("results")
     argv = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path),
@@ -88,7 +89,7 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     rows2 = results.main(argv)
     assert json.loads(json.dumps(rows2)) == json.loads(json.dumps(rows))
     cmds = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd: cmds.append(cmd) or in_process(cmd))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or in_process(cmd))
     (tmp_path / "lora" / "result.json").unlink()  # as if cut off after its checkpoint: resumed, not refused
     (tmp_path / "dylora" / "result.json").unlink()
     (tmp_path / "dylora" / "ckpt.pt").unlink()  # as if cut off before any checkpoint: started again
@@ -103,22 +104,28 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     train = script("train")
     cmds = []
 
-    def in_process(cmd):
+    def in_process(cmd, **kw):
         cmds.append(cmd)
-        train.main(cmd[2:])
-        return subprocess.CompletedProcess(cmd, 0)
+        try:
+            train.main(cmd[2:])
+        except UserError as e:  # as cli.run would exit
+            return subprocess.CompletedProcess(cmd, 1, stderr=f"error: {e}\n")
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
     monkeypatch.setattr(subprocess, "run", in_process)
     results = script("results")
     rec = tmp_path / "records"
     common = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
-              "--results_dir", str(rec), "--methods", "lora,ga", "--lr_factors", "0.5,2", "--seeds", "0,1",
+              "--results_dir", str(rec), "--methods", "lora,ga", "--lr_factors", "0.5,2,1e7", "--seeds", "0,1",
               "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384", "--eval_limit", "2",
               "--device", "cpu", "--rank", "4"]
     results.main(common + ["--stage", "sweep"])
     sweep = {f: json.load(open(rec / "sweep" / f)) for f in os.listdir(rec / "sweep")}
-    assert len(sweep) == 4 and all(r["acc"] is None for r in sweep.values())  # never scored on the test set
+    assert len(sweep) == 6 and all(r.get("acc") is None for r in sweep.values())  # never scored on the test set
+    # lr x 1e7 breaks LoRA-GA's run: train.py stops it, and the sweep records that and goes on
+    broken = [r for r in sweep.values() if r.get("diverged")]
+    assert broken and all(r["val_loss"] is None and r["lr"] > 1 for r in broken)
     assert all("--test_data=" in " ".join(c) or c[c.index("--test_data") + 1] == "" for c in cmds)
-    best = min((r for r in sweep.values() if r["name"] == "lora"), key=lambda r: r["val_loss"])["lr"]
+    best = min((r for r in sweep.values() if r["name"] == "lora" and r["val_loss"]), key=lambda r: r["val_loss"])["lr"]
     assert results.chosen_lr("lora", str(rec)) == best
     results.main(common + ["--stage", "seeds"])
     seeds = [json.load(open(rec / "seeds" / f)) for f in sorted(os.listdir(rec / "seeds"))]
@@ -126,6 +133,7 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     assert all(r["acc"] is not None and r["lr"] == results.chosen_lr(r["name"], str(rec)) for r in seeds)
     text = open(rec / "RESULTS.md").read()
     assert "| lora |" in text and " +- " in text and "Verdicts" in text and "LoRA-GA converges" in text
+    assert "diverged (stopped by train.py)" in text and "(chosen" in text
     import shutil
     first = sorted(os.listdir(rec / "seeds"))[0]
     os.remove(rec / "seeds" / first)  # a record lost, its finished run still there: recorded again, not rerun
