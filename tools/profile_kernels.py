@@ -21,8 +21,8 @@ import runs
 import step
 from model import Llama, Tokenizer
 
-GROUPS = (("gemm", ("gemm", "sm90_xmma", "cutlass", "ampere", "sm80_", "nvjet", "splitk", "cublas")),
-          ("attention", ("flash", "fmha", "attention", "cudnn", "efficient")),
+GROUPS = (("attention", ("flash", "fmha", "attention", "cudnn", "efficient")),  # before gemm: fmha_cutlass...
+          ("gemm", ("gemm", "sm90_xmma", "cutlass", "ampere", "sm80_", "nvjet", "splitk", "cublas")),
           ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "clip")),
           ("reduce", ("reduce", "norm", "softmax", "logsumexp")),
           ("copy/cast", ("copy", "cast", "convert", "cat", "index", "scatter", "gather", "fill", "memset", "memcpy")),
