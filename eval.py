@@ -212,7 +212,8 @@ def main(argv=None):
         raise UserError("--ranks needs an adapter of a method trained at several ranks (DyLoRA)")
     model_path = fetch.resolve_model(args.model)
     tok = Tokenizer.from_pretrained(model_path)
-    model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+    model = Llama.from_pretrained(model_path, device=device, dtype=dtype,  # the base the adapter was trained on
+                                  base_bits=adapter[3].get("base_bits", 16) if adapter else 16)
     trained_on = adapter[3].get("base_fingerprint") if adapter else None
     if trained_on and trained_on != fingerprint(model):  # same shapes, other weights: strict loading cannot tell
         raise UserError(f"{args.adapter} was trained on {adapter[3]['base_model']}, whose weights differ from "

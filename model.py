@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import nf4
 from cli import UserError
 
 
@@ -356,9 +357,11 @@ class Llama(nn.Module):
         return None, ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, self.loss_chunk, self.ce_chunk)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, base_bits=16):
         """A Hugging Face folder: config.json + model.safetensors, or shards + model.safetensors.index.json.
-        Built on the meta device and filled tensor by tensor in the target dtype: one copy of the weights."""
+        Built on the meta device and filled tensor by tensor in the target dtype: one copy of the weights.
+        base_bits=4: every linear weight of the blocks is stored in NF4 (nf4.py) as soon as it is read, so the
+        whole model never exists in `dtype`; the rest stays in `dtype`, and compute runs in it."""
         from safetensors import safe_open
         if not os.path.isdir(path):
             raise UserError(f"model folder not found: {path}")
@@ -399,12 +402,17 @@ class Llama(nn.Module):
                             raise UserError(f"{name}: {k} has shape {shape}, config.json implies "
                                             f"{tuple(expected[k])}: config.json does not match the weights")
                         sd[k] = f.get_tensor(k).to(dtype)
+                        if base_bits == 4 and nf4.is_quantized(k):
+                            if not torch.isfinite(sd[k]).all():
+                                raise UserError(f"{path}: {k} holds NaN or inf values: the checkpoint is damaged; "
+                                                f"download it again")
+                            sd[k] = nf4.quantize_weight(sd[k], dtype)
             except UserError:
                 raise
             except Exception as e:  # safetensors raises its own error types for broken files
                 raise UserError(f"cannot read {fpath} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
                                 f"the file is truncated or corrupt; download it again") from None
-        bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
+        bad = next((k for k, v in sd.items() if not isinstance(v, nf4.NF4Tensor) and not torch.isfinite(v).all()), None)
         if bad:  # a damaged file would otherwise train from NaN and blame the learning rate
             raise UserError(f"{path}: {bad} holds NaN or inf values: the checkpoint is damaged; download it again")
         missing = sorted(set(expected) - set(sd))

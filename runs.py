@@ -62,7 +62,7 @@ def save_adapter(sd, tcfg, mcfg, run_dir, step, base):
     from safetensors.torch import save_file
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
     meta = dict(method=tcfg.method, config=asdict(mcfg), base_model=tcfg.model, base_fingerprint=base,
-                template=tcfg.template, step=step)
+                base_bits=getattr(tcfg, "base_bits", 16), template=tcfg.template, step=step)
     atomic_save(sd, os.path.join(run_dir, "adapter.safetensors"),
                 lambda o, p: save_file(o, p, metadata={"nanopeft": json.dumps(meta)}))
     save_json(meta, os.path.join(run_dir, "adapter.json"))
@@ -92,8 +92,8 @@ def load_adapter(run_dir):
 def load_trained(run_dir, model_path, device, dtype):
     """The base model with a run's saved adapter applied (unmerged): the model as trained."""
     from model import Llama
-    method, mcfg, sd, _ = load_adapter(run_dir)
-    model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+    method, mcfg, sd, meta = load_adapter(run_dir)
+    model = Llama.from_pretrained(model_path, device=device, dtype=dtype, base_bits=meta.get("base_bits", 16))
     method.apply(model, mcfg, init=False)
     method.load_adapter_state_dict(model, sd)
     return model
@@ -102,24 +102,30 @@ def load_trained(run_dir, model_path, device, dtype):
 EXPORT_LOSS = 0.01  # auto: the checkpoint's dtype only if its rounding changes the weights by < 1% of the update
 
 
-def save_hf(model, src, out, dtype="auto"):
+def save_hf(model, src, out, dtype="auto", base_bits=16):
     """A Hugging Face model folder from a merged model (fp32 weights): its weights, the source's config and tokenizer.
     The weights are written in `dtype`; "auto" takes the source checkpoint's dtype unless rounding to it would
     change the weights by more than EXPORT_LOSS of the update's norm, ||round(W) - W|| / ||W - W0|| with W0 the
     source checkpoint's weights (a bf16 checkpoint after a short or low-lr run: most changed weights round back to
-    W0), and then float32. Returns (the dtype written, what it loses of the update)."""
+    W0), and then float32. base_bits=4: the model was trained on an NF4 base, which is what W0 is then (the
+    layers it did not adapt are written dequantized). Returns (the dtype written, what it loses of the update)."""
     import shutil
     from safetensors import safe_open
     from safetensors.torch import save_file
     src_cfg = json.load(open(os.path.join(src, "config.json")))
     src_dtype = getattr(torch, src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "bfloat16")
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    import nf4
+    sd = {k: (v.dequantize() if isinstance(v, nf4.NF4Tensor) else v).detach().contiguous()
+          for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight")
     W0 = {}
     for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
         with safe_open(f, framework="pt") as fh:
             W0.update({k: fh.get_tensor(k) for k in fh.keys() if k in sd})
+    if base_bits == 4:  # the base as trained: each weight through NF4 and back
+        W0 = {k: nf4.quantize_weight(v, torch.float32).dequantize() if nf4.is_quantized(k) else v
+              for k, v in W0.items()}
 
     def lost(dt):  # ||round(W) - W|| / ||W - W0|| over every tensor
         err = sum(float((v.to(dt).double() - v.double()).pow(2).sum()) for v in sd.values())

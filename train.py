@@ -47,6 +47,8 @@ class TrainConfig(DataConfig, OptimConfig):
     seed: int = 0  # data order, dropout and the method's own draws (a method's --seed too)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "bfloat16"  # of the frozen base on CUDA: bfloat16 | float16 | float32 (CPU always runs fp32)
+    base_bits: int = 16  # 4: the blocks' linear weights stored in NF4 (QLoRA's 4-bit format, nf4.py), dequantized
+    # on the fly; 16: in --dtype
     compile: bool = False  # torch.compile each transformer block
     cuda_graph: bool = True  # on CUDA: capture each training step as one CUDA graph (fixed-shape batches)
     grad_checkpoint: bool = False  # recompute activations in backward (less memory, ~30% slower)
@@ -78,6 +80,11 @@ def check(tcfg, mcfg, method, argv):
                         f"{tcfg.eval_every}, {tcfg.save_every}")
     if tcfg.dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype must be bfloat16, float16 or float32, got {tcfg.dtype!r}")
+    if tcfg.base_bits not in (4, 16):
+        raise UserError(f"--base_bits must be 4 (NF4) or 16 (the base in --dtype), got {tcfg.base_bits}")
+    if tcfg.base_bits == 4 and method.Linear is None:
+        raise UserError(f"--method {tcfg.method} trains the base weights themselves: they cannot be 4-bit; use "
+                        "--base_bits 16, or an adapter method")
     if tcfg.export not in ("", "peft", "merged"):
         raise UserError(f"--export must be peft or merged, got {tcfg.export!r}")
     if tcfg.export_dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -158,7 +165,7 @@ def main(argv=None):
           f"{total} steps of {tcfg.batch_size}" + (f" over {world} processes" if distributed else ""))
 
     # the model: every process holds it whole until it is wrapped, and evaluates the whole held-out set
-    model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+    model = Llama.from_pretrained(model_path, device=device, dtype=dtype, base_bits=tcfg.base_bits)
     base = fingerprint(model)  # recorded with the adapter: eval.py refuses it on another base model
     log_path = os.path.join(run_dir, "log.jsonl")
     log = [] if ckpt else [dict(step=0, val_loss=step.evaluate(model, val_batches), base_model=True)]
@@ -291,7 +298,7 @@ def main(argv=None):
         print(f"PEFT adapter written to {run_dir}/peft")
     if tcfg.export == "merged":
         method.merge(model)  # fp32 merged weights; save_hf picks the dtype that keeps the update
-        runs.save_hf(model, model_path, os.path.join(run_dir, "merged"), tcfg.export_dtype)
+        runs.save_hf(model, model_path, os.path.join(run_dir, "merged"), tcfg.export_dtype, tcfg.base_bits)
         print(f"merged model written to {run_dir}/merged")
     out = dict(run_dir=run_dir, steps=total, steps_this_run=total - start, trainable_params=n_train, init_s=init_s,
                train_s=train_s, tok_s=tok_all / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
