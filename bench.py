@@ -22,13 +22,15 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 
 import cli
+import nf4
 import step
 from cli import UserError
-from model import Llama, ModelConfig
+from model import Llama, ModelConfig, rope_inv_freq
 from runs import METHODS
 
 SHAPES = {  # the published configs (hidden sizes, heads, vocabularies, RoPE); weights are random
@@ -58,6 +60,9 @@ class BenchConfig:
     compile: bool = False  # torch.compile each transformer block (as train.py --compile)
     cuda_graph: bool = False  # capture each step as one CUDA graph (as train.py --cuda_graph)
     grad_checkpoint: bool = False  # recompute activations in backward
+    base_bits: int = 16  # 4: the blocks' linear weights in NF4 (train.py --base_bits 4), built one tensor at a time
+    rank: int = 0  # the adapters' rank; 0: each method's default
+    init_stream: bool = False  # sb, ga: the layer-by-layer gradient init (train.py --init_stream)
     hf: bool = False  # also time Hugging Face transformers + PEFT (hf-lora, hf-miss, hf-full) on each shape
     liger: bool = False  # with --hf: also HF + liger-kernel (hf-liger-lora, hf-liger-full; needs liger-kernel, CUDA)
     gsm8k: bool = False  # time train.py's real GSM8K run instead (needs --model, --data; other keys go to train.py)
@@ -75,13 +80,23 @@ def flops_per_token(cfg, seq, full):
     return (6 if full else 4) * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq
 
 
-def build(cfg, device, dtype):
+def build(cfg, device, dtype, base_bits=16):
+    """A random model at the shape, made one tensor at a time as from_pretrained loads one (N(0, 0.02), norms at 1),
+    each block weight stored in NF4 as soon as it exists when base_bits=4: the whole model never exists in dtype."""
     with torch.device("meta"):
         model = Llama(cfg)
-    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, p in list(model.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        t = torch.empty(p.shape, device=device, dtype=torch.float32)
+        t.fill_(1.0) if "norm" in name else t.normal_(0, 0.02, generator=g)
+        w = nf4.quantize_weight(t, dtype) if base_bits == 4 and nf4.is_quantized(name) else t.to(dtype)
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
+        del t
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.init_weights().to(dtype).requires_grad_(False)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model
 
 
 def random_batches(n, batch, seq, vocab, device, seed):
@@ -103,22 +118,22 @@ def bench_ours(shape, name, args, device, dtype):
     cfg = SHAPES[shape]
     method = METHODS[name]
     ocfg = step.OptimConfig(lr=method.DEFAULT_LR)  # train.py's optimizer settings
-    mcfg = method.Config()
+    mcfg = method.Config(**({"rank": args.rank} if args.rank and hasattr(method.Config, "rank") else {}))
+    if hasattr(mcfg, "init_stream"):
+        mcfg.init_stream = args.init_stream
     graphed = args.cuda_graph and device.type == "cuda" and method.CUDA_GRAPH
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = build(cfg, device, dtype)
-    model.grad_checkpoint = args.grad_checkpoint
+    model = build(cfg, device, dtype, args.base_bits)
     t0 = time.time()
-    grads = None
-    if method.GRADIENT_INIT:  # init_samples random sequences instead of the first training examples
-        n = -(-mcfg.init_samples // args.batch)
-        init = random_batches(n, args.batch, args.seq, cfg.vocab_size, device, seed=1)
-        grads = step.init_grads(model, [(x, y, torch.arange(args.seq).expand_as(x)) for x, y, _ in init],
-                                mcfg.targets, mcfg.init_offload)
-    method.apply(model, mcfg, grads, first_lr=step.get_lr(0, ocfg, args.warmup + args.steps))
-    del grads
+    # the init as train.py makes it (step.init_method), from init_samples random sequences of seq tokens
+    g = torch.Generator().manual_seed(1)
+    seqs = [(torch.randint(0, cfg.vocab_size, (args.seq + 1,), generator=g).tolist(), 1)
+            for _ in range(mcfg.init_samples if method.GRADIENT_INIT else 0)]
+    icfg = SimpleNamespace(seed=0, batch_size=args.batch, micro_batch_size=args.batch, max_len=args.seq + 1)
+    step.init_method(model, method, mcfg, seqs, icfg, 0, step.get_lr(0, ocfg, args.warmup + args.steps))
+    model.grad_checkpoint = args.grad_checkpoint
     sync(device)
     init_s = time.time() - t0 if method.GRADIENT_INIT else None
     if args.compile:
@@ -245,6 +260,12 @@ def main(argv=None):
         raise UserError("--batch, --seq and --steps must be >= 1 and --warmup >= 0")
     device = cli.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.base_bits not in (4, 16) or args.rank < 0:
+        raise UserError(f"--base_bits must be 4 or 16 and --rank >= 0 (0: each method's default), got "
+                        f"{args.base_bits}, {args.rank}")
+    if args.base_bits == 4 and "full" in args.methods.split(","):
+        raise UserError("--base_bits 4: full fine-tuning trains the base weights, which cannot be 4-bit; "
+                        "leave full out of --methods")
     if args.liger and not (args.hf and device.type == "cuda"):
         raise UserError("--liger adds HF + Liger rows beside --hf's, on a CUDA GPU: use --hf --liger there")
     methods = args.methods.split(",")
@@ -272,7 +293,8 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch} x {args.seq}"
           f"{', compile' if args.compile else ''}{', CUDA graph' if args.cuda_graph else ''}"
-          f"{', activation checkpointing' if args.grad_checkpoint else ''}\n")
+          f"{', activation checkpointing' if args.grad_checkpoint else ''}"
+          f"{', 4-bit NF4 base' if args.base_bits == 4 else ''}{', streamed init' if args.init_stream else ''}\n")
     print("| shape | method | trainable | tok/s | step ms | peak GiB | MFU % | init s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
