@@ -44,6 +44,8 @@ SHAPES = {  # the published configs (hidden sizes, heads, vocabularies, RoPE); w
                                                   high_freq_factor=4.0, original_max_position_embeddings=8192)),
     "llama-2-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
                               hidden_dim=11008),
+    "mistral-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                              hidden_dim=14336, max_seq_len=32768, sliding_window=4096),  # v0.1, the papers' model
     "tiny": ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256),
 }
 PEAK_FLOPS = 989e12  # H100 SXM, dense bf16

@@ -381,17 +381,13 @@ def dp_generator(dp_seed, seed):
 
 def per_example_grads(model, params, x, y):
     """{name: (N, *shape)}: the gradient of each row's mean target-token loss (one example per row), by
-    torch.func: vmap over examples of grad (model.adapted_linear takes a vmap-able path under it). Attention runs
-    SDPA's math backend here: vmap has no batching rule for the flash (or cuDNN) backward and would fall back to a
-    Python loop over the examples, while the math backend's matmuls and softmax batch over them."""
+    torch.func: vmap over examples of grad (model.adapted_linear takes a vmap-able path under it)."""
     from torch.func import functional_call, grad, vmap
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def loss(p, xi, yi):
         logits = functional_call(model, p, (xi[None],))[0][0].float()  # (1, T, V) -> (T, V)
         return F.cross_entropy(logits, yi, ignore_index=-100, reduction="sum") / (yi != -100).sum()
-    with sdpa_kernel(SDPBackend.MATH):
-        return vmap(grad(loss), in_dims=(None, 0, 0))({n: p.detach() for n, p in params.items()}, x, y)
+    return vmap(grad(loss), in_dims=(None, 0, 0))({n: p.detach() for n, p in params.items()}, x, y)
 
 
 def clip_per_example(g, C):
