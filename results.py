@@ -56,6 +56,7 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     lr_factors: tuple = ("0.25", "1", "4", "16")  # the sweep: each method's DEFAULT_LR times these (the defaults are
     # the papers' 7B settings; a small model often wants more)
     seeds: tuple = ("0", "1", "2")  # the seeds run at each method's chosen lr
+    lr_extend: int = 3  # sweep: while the best lr is at the grid's edge, try this many more beyond it (same ratio)
 
 
 def train(out_dir, name, argv):
@@ -138,6 +139,34 @@ def evidence_run(stage, name, lr, seed, args, extra):
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
     return rec
+
+
+def sweep(name, default_lr, factors, args, extra):
+    """The lr grid (default_lr times each factor), then, while the lowest held-out loss sits at the grid's top or
+    bottom edge, one more lr beyond that edge at the grid's own ratio (at most --lr_extend times): a small model
+    often wants a larger lr than the papers' 7B settings, and an edge is no optimum. A run that diverged counts as
+    worse than any finished one, so the grid never extends past a divergence."""
+    lrs = sorted(default_lr * f for f in factors)
+    recs = [evidence_run("sweep", name, lr, 0, args, extra) for lr in lrs]
+    ratio = lrs[-1] / lrs[-2] if len(lrs) > 1 else 4.0
+    for _ in range(args.lr_extend):
+        done = [r for r in recs if r["val_loss"] is not None]
+        if not done:
+            break
+        best = min(done, key=lambda r: r["val_loss"])["lr"]
+        top, bottom = max(lrs), min(lrs)
+        if best == top and not any(r["lr"] > best and r["val_loss"] is None for r in recs):
+            lr = top * ratio
+        elif best == bottom and len(lrs) > 1:
+            lr = bottom / ratio
+        else:
+            break
+        lr = float(f"{lr:.6g}")  # the name a record is filed under (rname uses :g)
+        lrs.append(lr)
+        recs.append(evidence_run("sweep", name, lr, 0, args, extra))
+        if recs[-1]["val_loss"] is None:
+            break
+    return recs
 
 
 def chosen_lr(name, results_dir):
@@ -332,8 +361,7 @@ def main(argv=None):
         import runs
         for n in names:
             if args.stage == "sweep":
-                for f in factors:
-                    evidence_run("sweep", n, runs.METHODS[RUNS[n][1]].DEFAULT_LR * f, 0, args, extra)
+                sweep(n, runs.METHODS[RUNS[n][1]].DEFAULT_LR, factors, args, extra)
                 continue
             lr = chosen_lr(n, args.results_dir)
             if lr is None:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 
+import pytest
 import torch
 
 import data
@@ -115,7 +116,7 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     results = script("results")
     rec = tmp_path / "records"
     common = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
-              "--results_dir", str(rec), "--methods", "lora,ga", "--lr_factors", "0.5,2,1e7", "--seeds", "0,1",
+              "--results_dir", str(rec), "--methods", "lora,ga", "--lr_factors", "0.5,2,1e7", "--lr_extend", "0", "--seeds", "0,1",
               "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384", "--eval_limit", "2",
               "--device", "cpu", "--rank", "4"]
     results.main(common + ["--stage", "sweep"])
@@ -146,6 +147,31 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     monkeypatch.setattr(subprocess, "run", None)
     results.main(["--stage", "report", "--results_dir", str(rec)])
     assert open(rec / "RESULTS.md").read() == text
+
+
+def test_sweep_extends_past_an_edge(monkeypatch):
+    """The lr grid grows beyond whichever edge holds the best held-out loss, at the grid's ratio, until the best is
+    inside it, a run diverges, or --lr_extend runs out (a fake run: loss = (log4(lr) - log4(best))^2)."""
+    import math
+    from types import SimpleNamespace
+    results = script("results")
+    ran = []
+
+    def fake(stage, name, lr, seed, args, extra, optimum=1.0, diverge=float("inf")):
+        ran.append(lr)
+        loss = None if lr >= diverge else (math.log(lr / optimum, 4)) ** 2
+        return dict(name=name, lr=lr, val_loss=loss)
+    args = SimpleNamespace(lr_extend=3)
+    for optimum, diverge, expect in ((1.0, float("inf"), [1 / 16, 1 / 4, 1, 4]),  # inside: no extension
+                                     (64.0, float("inf"), [1 / 16, 1 / 4, 1, 4, 16, 64, 256]),  # up, then inside
+                                     (1e6, float("inf"), [1 / 16, 1 / 4, 1, 4, 16, 64, 256]),  # up, 3 at most
+                                     (1e6, 20.0, [1 / 16, 1 / 4, 1, 4, 16, 64]),  # up until a run diverges
+                                     (1e-3, float("inf"), [1 / 16, 1 / 4, 1, 4, 1 / 64, 1 / 256, 1 / 1024])):  # down
+        ran.clear()
+        monkeypatch.setitem(results.sweep.__globals__, "evidence_run",
+                            lambda *a, o=optimum, d=diverge: fake(*a, optimum=o, diverge=d))
+        results.sweep("lora", 1.0, [0.0625, 0.25, 1.0, 4.0], args, [])
+        assert ran == pytest.approx(expect), (optimum, ran)
 
 
 def test_verdict_statistics():
