@@ -447,7 +447,7 @@ def local_train(model, cfg: FedConfig, seqs, shard, steps, seed, pad_id, dp=None
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
+def main(argv=None, clients=None):
     # set-up: the config (a resumed run's own, then this command line), processes, device, files
     argv = sys.argv[1:] if argv is None else argv
     if cli.wants_help(argv):
@@ -472,11 +472,10 @@ def main(argv=None):
     method = strategy.method
     if method.GRADIENT_INIT and mcfg.init_samples < 1:
         raise UserError(f"--init_samples must be >= 1 (the examples whose gradient initialises {cfg.method})")
-    cfg.lr = cfg.lr or method.DEFAULT_LR
     private = cfg.dp_epsilon < math.inf
     distributed, rank, world, device = step.init_distributed(cli.device(cfg.device))
     dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
-    cfg.val_size = (32 if device.type == "cpu" else 256) if cfg.val_size < 0 else cfg.val_size
+    resolve_defaults(cfg, device)
     torch.manual_seed(cfg.seed)
     with step.rank0_first(distributed, rank):  # downloads into the cache, once
         model_path, data_path = fetch.resolve_model(cfg.model), fetch.resolve_data(cfg.data, "train")
@@ -487,18 +486,8 @@ def main(argv=None):
 
     # data: train.py's held-out split, then client shards of the rest
     tok = Tokenizer.from_pretrained(model_path)
-    train_ex, val_ex, train_idx = data.splits(cfg, data_path)
-    labels = None
-    if cfg.split == "dirichlet":
-        labels = read_field(data_path, cfg.dirichlet_field)
-        labels = [labels[i] for i in train_idx]
-    seqs, _ = data.tokenize(train_ex, tok, cfg.template, cfg.max_len)  # [(ids, n_prompt)]
-    val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
+    seqs, val, shards, steps = client_data(cfg, tok, data_path)
     val_batches = data.eval_batches(val, cfg.micro_batch_size or cfg.batch_size, cfg.max_len, tok.pad_id)
-    if len(seqs) < cfg.clients:
-        raise UserError(f"{len(seqs)} training examples cannot make {cfg.clients} client shards: use fewer --clients")
-    shards = split_clients(len(seqs), cfg, labels)
-    steps = [cfg.local_steps or math.ceil(len(s) / cfg.batch_size) for s in shards]
     dp = None  # privacy_plan's errors come before the model loads
     if private or (saved is not None and saved["dp"] is not None):
         dp = privacy_plan(cfg, shards, steps, saved)
@@ -538,15 +527,17 @@ def main(argv=None):
         picked = sorted(torch.randperm(cfg.clients, generator=g)[:n_pick].tolist())
         fails = {k: int(torch.randint(steps[k], (1,), generator=g)) for k in picked
                  if float(torch.rand(1, generator=g)) < cfg.drop_prob}
-        done = []  # (client, its trained state or None if it dropped out), for this process's share of the clients
-        for k in picked[rank * len(picked) // world:(rank + 1) * len(picked) // world]:
-            load_state(model, global_state)  # every client starts from the same global adapter
-            try:
-                seed = cfg.seed + 7919 * (rnd * cfg.clients + k)
-                done.append((k, local_train(model, cfg, seqs, shards[k], steps[k], seed, tok.pad_id,
-                                            dp and (dp["sigma"], dp["q"][k]), fails.get(k))))
-            except ClientDropped:
-                done.append((k, None))
+        if clients is not None:  # elsewhere: fed_flower.py sends the round to the clients' machines
+            done = clients(rnd, picked, fails, global_state, model, dp)
+        else:
+            done = []  # (client, its trained state or None if it dropped out), this process's share of the clients
+            for k in picked[rank * len(picked) // world:(rank + 1) * len(picked) // world]:
+                load_state(model, global_state)  # every client starts from the same global adapter
+                try:
+                    done.append((k, local_train(model, cfg, seqs, shards[k], steps[k], client_seed(cfg, rnd, k),
+                                                tok.pad_id, dp and (dp["sigma"], dp["q"][k]), fails.get(k))))
+                except ClientDropped:
+                    done.append((k, None))
         if distributed:  # every process gets every client's state, in the order of `picked` (CPU tensors, pickled)
             parts = [None] * world
             dist.all_gather_object(parts, done)
@@ -596,6 +587,63 @@ def main(argv=None):
         print(f"privacy per client: epsilon {privacy['epsilon']:.4f} spent (target {cfg.dp_epsilon}) at delta "
               f"{privacy['delta']:.2e} ({cfg.dp_accountant}; noise multiplier {dp['sigma']:.4f}, clip {cfg.dp_clip})")
     return summary
+
+
+def client_data(cfg, tok, data_path):
+    """(training sequences, held-out sequences, client shards, local steps per client): train.py's held-out split,
+    then the seeded shards of the rest. The server and every client compute the same ones from the same file."""
+    train_ex, val_ex, train_idx = data.splits(cfg, data_path)
+    labels = None
+    if cfg.split == "dirichlet":
+        labels = read_field(data_path, cfg.dirichlet_field)
+        labels = [labels[i] for i in train_idx]
+    seqs, _ = data.tokenize(train_ex, tok, cfg.template, cfg.max_len)  # [(ids, n_prompt)]
+    val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
+    if len(seqs) < cfg.clients:
+        raise UserError(f"{len(seqs)} training examples cannot make {cfg.clients} client shards: use fewer --clients")
+    shards = split_clients(len(seqs), cfg, labels)
+    return seqs, val, shards, [cfg.local_steps or math.ceil(len(s) / cfg.batch_size) for s in shards]
+
+
+def client_seed(cfg, rnd, k):
+    """Client k's seed in round rnd (its data order): a function of the run's seed, so any machine can compute it."""
+    return cfg.seed + 7919 * (rnd * cfg.clients + k)
+
+
+def resolve_defaults(cfg, device):
+    """The settings left to their defaults (lr, val_size), as the server and every client resolve them."""
+    cfg.lr = cfg.lr or STRATEGIES[cfg.method].method.DEFAULT_LR
+    cfg.val_size = (32 if device.type == "cpu" else 256) if cfg.val_size < 0 else cfg.val_size
+
+
+def client_round(argv, k, rnd, global_state, setup=None, residual=None, dp_k=None, fail_at=None):
+    """Client k's round in a process of its own (fed_flower.py's ClientApp runs it on its machine): the base model
+    with the strategy's layers, the global adapter (plus what the server sends once, `setup`: LoRA-SB's B and A,
+    and FedEx's residuals), then local_train on the client's shard, exactly as main()'s in-process clients do.
+    Returns its trainable state, or None if it dropped out (fail_at, the simulator's failure injection)."""
+    cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS)
+    device = cli.device(cfg.device)
+    resolve_defaults(cfg, device)
+    strategy = STRATEGIES[cfg.method]
+    dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
+    model_path, data_path = fetch.resolve_model(cfg.model), fetch.resolve_data(cfg.data, "train")
+    tok = Tokenizer.from_pretrained(model_path)
+    seqs, _, shards, steps = client_data(cfg, tok, data_path)
+    model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
+    strategy.method.apply(model, mcfg, init=False)  # the layers; their tensors come from the server (or the seed)
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in strategy.frozen:
+            p.requires_grad_(False)
+    if strategy.residual:
+        add_fedex_residuals(model)
+        load_strict(fedex_residuals(model), residual)
+    if setup:
+        strategy.method.load_adapter_state_dict(model, {**setup, **global_state})
+    load_state(model, global_state)
+    try:
+        return local_train(model, cfg, seqs, shards[k], steps[k], client_seed(cfg, rnd, k), tok.pad_id, dp_k, fail_at)
+    except ClientDropped:
+        return None
 
 
 def print_privacy(dp, cfg, saved, steps):
