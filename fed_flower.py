@@ -48,6 +48,7 @@ from cli import UserError
 
 server_app = ServerApp()
 client_app = ClientApp()
+FLOWERTUNE_BUDGET_MB = 200_000  # the FlowerTune LLM leaderboard's communication budget: every record, both ways
 POLL_S = 0.2  # how often the server looks for replies (Flower's send_and_receive waits 3 s between looks)
 
 
@@ -165,9 +166,13 @@ def serve(grid, context):
                    up=sum(s["up_record_bytes"] for s in stats))
     summary["flower"] = dict(rounds=stats, tensor_bytes=ours, record_bytes=counted)
     accounted = summary["total"]
+    total_mb = (counted["down"] + counted["up"]) / 1e6
+    summary["flower"]["flowertune_budget_share"] = total_mb / FLOWERTUNE_BUDGET_MB
     print(f"Flower sent {ours['down']:,} bytes of tensors down and {ours['up']:,} up (fed.py's accounting: "
           f"{accounted['down_bytes']:,} and {accounted['up_bytes']:,}); as Flower counts its records: "
           f"{counted['down']:,} and {counted['up']:,}, {counted['down'] + counted['up']:,} in all")
+    print(f"communication budget (FlowerTune LLM: {FLOWERTUNE_BUDGET_MB:,} MB over a run, both ways): {total_mb:,.3f} MB "
+          f"used, {100 * total_mb / FLOWERTUNE_BUDGET_MB:.4f}%")
     run_dir = os.path.join(cfg.out_dir, cfg.run_name or cfg.method)
     import runs
     runs.save_json(summary, os.path.join(run_dir, "summary.json"))

@@ -34,7 +34,8 @@ RUNS = {  # name: train.py flags beyond the shared ones (each method's own defau
 }
 MAIN = list(RUNS)  # the default --methods: each method (and Bone's two forms) at its own defaults
 RUNS.update({  # claim 1's figure (held-out loss against trainable parameters): ranks and block sizes around those
-    **{f"lora-r{r}": ["--method", "lora", "--rank", str(r), "--alpha", str(2 * r)] for r in (1, 4, 64)},
+    **{f"lora-r{r}": ["--method", "lora", "--rank", str(r), "--alpha", str(2 * r)] for r in (1, 2, 4, 8, 64)},
+    "dylora-nf": ["--method", "dylora", "--dylora_frozen", "false"],  # claim 4: every component <= b trains
     **{f"{m}-r{r}": ["--method", m, "--rank", str(r)] for m in ("xs", "sb") for r in (16, 128, 192)},  # 192: k_proj
     "bone-b32": ["--method", "bone", "--block_size", "32"],
 })
@@ -101,17 +102,56 @@ def run(name, args, extra):
 # -----------------------------------------------------------------------------
 # the evidence: a learning-rate sweep on the held-out loss (never the test set), then seeds at the chosen lr
 
-def record(out_dir, rname, name):
-    """What a finished run contributes to the evidence: settings, held-out loss curve and end, cost, GSM8K."""
+def record(out_dir, rname, name, model_path=""):
+    """What a finished run contributes to the evidence: settings, held-out loss curve and end, cost, GSM8K; and for
+    a method usable at several ranks (DyLoRA), the held-out loss at each rank of DYLORA_RANKS (claim 4)."""
+    import runs
     s = json.load(open(os.path.join(out_dir, rname, "summary.json")))
     cfg = json.load(open(os.path.join(out_dir, rname, "config.json")))
     log = [json.loads(l) for l in open(os.path.join(out_dir, rname, "log.jsonl"))]
     curve = [(l["step"], l["val_loss"]) for l in log if l.get("val_loss") is not None and not l.get("base_model")]
     g = s.get("gsm8k") or {}
-    return dict(name=name, method=cfg["train"]["method"], lr=cfg["train"]["lr"], seed=cfg["train"]["seed"],
-                rank=cfg["method_config"].get("rank"), trainable=s["trainable_params"], steps=s["steps"],
-                init_s=s["init_s"], train_s=s["train_s"], peak_gib=s["peak_gib"], val_loss=s["val_loss"],
-                curve=curve, acc=g.get("accuracy"), invalid=g.get("invalid_rate"), n=g.get("n"))
+    rec = dict(name=name, method=cfg["train"]["method"], lr=cfg["train"]["lr"], seed=cfg["train"]["seed"],
+               rank=cfg["method_config"].get("rank"), epochs=cfg["train"]["epochs"], trainable=s["trainable_params"],
+               steps=s["steps"], init_s=s["init_s"], train_s=s["train_s"], peak_gib=s["peak_gib"],
+               val_loss=s["val_loss"], curve=curve, acc=g.get("accuracy"), invalid=g.get("invalid_rate"), n=g.get("n"))
+    if runs.METHODS[rec["method"]].NESTED_RANKS and model_path:
+        rec["val_loss_by_rank"] = nested_val_losses(os.path.join(out_dir, rname), model_path, cfg["train"])
+    return rec
+
+
+def nested_val_losses(run_dir, model_path, train_cfg):
+    """{rank: held-out loss} of one run of a NESTED_RANKS method at each rank of DYLORA_RANKS up to its own, on the
+    run's own held-out split (the adapter re-applied at each rank on the untouched base, as eval.py --ranks does)."""
+    import torch
+    import torch.nn as nn
+    import data
+    import runs
+    import step
+    from model import Llama, Tokenizer
+    cfg = cli.from_dict(data.DataConfig, train_cfg)
+    tok = Tokenizer.from_pretrained(model_path)
+    import fetch
+    _, val_ex, _ = data.splits(cfg, fetch.resolve_data(train_cfg["data"], "train"))
+    val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
+    batches = data.eval_batches(val, 16, cfg.max_len, tok.pad_id)
+    device = cli.device(train_cfg["device"])
+    method, mcfg, sd, meta = runs.load_adapter(run_dir)
+    model = Llama.from_pretrained(model_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else
+                                  torch.float32, base_bits=meta.get("base_bits", 16))
+    base = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    out = {}
+    for b in (int(r) for r in DYLORA_RANKS.split(",")):
+        if b > mcfg.rank:
+            continue
+        mcfg.eval_rank = b
+        method.apply(model, mcfg, init=False)
+        method.load_adapter_state_dict(model, sd)
+        out[b] = step.evaluate(model, batches)
+        for n, m in base.items():  # the untouched base layers back, for the next rank
+            parent, _, child = n.rpartition(".")
+            setattr(model.get_submodule(parent), child, m)
+    return out
 
 
 def evidence_run(stage, name, lr, seed, args, extra):
@@ -134,7 +174,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
     if failed:
         rec = dict(name=name, method=RUNS[name][1], lr=lr, seed=seed, val_loss=None, diverged=True)
     else:
-        rec = record(os.path.join(args.out_dir, stage), rname, name)
+        rec = record(os.path.join(args.out_dir, stage), rname, name, args.model)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
@@ -253,6 +293,29 @@ def report(results_dir, path):
         lines.append(f"- LoRA-GA converges 2-4x faster than LoRA: the steps it needs to reach LoRA's final held-out "
                      f"loss ({target:.4f}, LoRA's {lora_steps} steps), per seed: {reach}; {speed} (curves are "
                      f"evaluated every 25 steps, so this resolves 25 steps)")
+    for dy in ("dylora", "dylora-nf"):  # claim 4: one run used at every rank, against LoRA trained at that rank
+        runs_by_rank = [r.get("val_loss_by_rank") for r in by.get(dy, []) if r.get("val_loss_by_rank")]
+        if not runs_by_rank:
+            continue
+        mode = "frozen: only the sampled component trains" if dy == "dylora" else "non-frozen"
+        lines += ["", f"### Claim 4: one {dy} run ({mode}, {by[dy][0]['epochs']:g} epochs) at each rank, against LoRA "
+                  "trained at that rank", "", "| rank | DyLoRA held-out loss | LoRA at that rank | verdict |",
+                  "|---|---|---|---|"]
+        lora_s = []
+        for b in sorted({int(k) for d in runs_by_rank for k in d}):
+            dyl = [d.get(str(b), d.get(b)) for d in runs_by_rank]
+            name = "lora" if b == 16 else f"lora-r{b}"
+            m, sd = mean_std(dyl)
+            if name in loss and len(loss[name]) > 1 and len(dyl) > 1:
+                lm, lsd = mean_std(loss[name])
+                lora_s.append(mean_std([r["train_s"] for r in by[name]])[0])
+                word = verdict(dyl, loss[name], "lower").split("**")[1]
+                lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | {lm:.4f} +- {lsd:.4f} ({name}) | DyLoRA lower: {word} |")
+            else:
+                lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | not run | |")
+        if lora_s:
+            lines.append(f"\nTraining cost: one {dy} run {mean_std([r['train_s'] for r in by[dy]])[0]:.1f} s; the "
+                         f"{len(lora_s)} LoRA runs it replaces {sum(lora_s):.1f} s together.")
     try:  # claim 1's figure: held-out loss against trainable parameters
         if not by:
             raise ImportError

@@ -51,7 +51,7 @@ def alive(pid):
 
 def test_flower_runs_equal_fed_py(tiny_dir, gsm_file, tmp_path):
     """Two deployments side by side (a Flower run is mostly waiting: SuperNodes look for messages every 3 s):
-    FedEx-LoRA on 2 SuperNodes, untouched; Fed-SB on 2, one of which is stopped as soon as round 1 is sent, so
+    FedEx-LoRA with DP-SGD on 2 SuperNodes, untouched; Fed-SB on 2, one of which is stopped as soon as round 1 is sent, so
     that round and the next go on with the survivor (then a run that needs the missing client stops with one
     line). Each final adapter equals fed.py's in-process run with the same seed and settings (the dropped client
     dropped there too), and the bytes of tensors Flower carried are fed.py's accounting of them."""
@@ -59,7 +59,8 @@ def test_flower_runs_equal_fed_py(tiny_dir, gsm_file, tmp_path):
     deps = [fed_flower.Local(2, roots[0]), fed_flower.Local(2, roots[1])]
     sb_dep = deps[1]
     try:
-        fedex = fed_args(tiny_dir, gsm_file, tmp_path, "fedex", clients=2, run_name="fedex")
+        private = dict(dp_epsilon=8, dp_seed=0)  # DP-SGD on the clients; the seed makes its noise repeatable
+        fedex = fed_args(tiny_dir, gsm_file, tmp_path, "fedex", clients=2, run_name="fedex", **private)
         sb = fed_args(tiny_dir, gsm_file, tmp_path, "sb", clients=2, run_name="sb", init_samples=8)
 
         def kill(line):
@@ -87,7 +88,8 @@ def test_flower_runs_equal_fed_py(tiny_dir, gsm_file, tmp_path):
     # FedEx-LoRA, every client in every round
     summary = json.load(open(tmp_path / "fedex" / "summary.json"))
     assert "flower" in summary, outs["fedex"][-3000:]
-    ref = in_process(fed_args(tiny_dir, gsm_file, tmp_path, "fedex", clients=2, run_name="fedex_ref"))
+    ref = in_process(fed_args(tiny_dir, gsm_file, tmp_path, "fedex", clients=2, run_name="fedex_ref", **private))
+    assert 0 < summary["dp"]["epsilon"] <= 8 and summary["dp"] == ref["dp"]  # the server's accountant, as fed.py's
     a, b = final_state(tmp_path, "fedex"), final_state(tmp_path, "fedex_ref")
     assert a["adapter"].keys() == b["adapter"].keys() and a["residual"].keys() == b["residual"].keys()
     assert all(torch.allclose(a["adapter"][k], b["adapter"][k], atol=1e-5) for k in a["adapter"])
@@ -98,6 +100,9 @@ def test_flower_runs_equal_fed_py(tiny_dir, gsm_file, tmp_path):
         ref["total"]["down_bytes"], ref["total"]["up_bytes"])
     records = summary["flower"]["record_bytes"]
     assert records["down"] > flw["down"] and records["up"] > flw["up"]  # Flower's count adds headers and names
+    assert summary["flower"]["flowertune_budget_share"] == pytest.approx(
+        (records["down"] + records["up"]) / 1e6 / 200_000)
+    assert "communication budget (FlowerTune LLM: 200,000 MB" in outs["fedex"]
     assert [r["survivors"] for r in summary["flower"]["rounds"]] == [[0, 1], [0, 1]]
 
     # Fed-SB, one client's node stopped during round 1 (which client a node serves is the server's choice)

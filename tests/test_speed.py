@@ -149,6 +149,34 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     assert open(rec / "RESULTS.md").read() == text
 
 
+def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
+    """Claim 4's pipeline: a DyLoRA seeds run is recorded with its held-out loss at every rank (its adapter re-applied
+    at each rank), which equals train.py's own held-out loss at the full rank, and the report sets each rank
+    against LoRA trained at that rank."""
+    train = script("train")
+
+    def in_process(cmd, **kw):
+        train.main(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+    monkeypatch.setattr(subprocess, "run", in_process)
+    results = script("results")
+    rec = tmp_path / "records"
+    os.makedirs(rec / "sweep")
+    for name in ("dylora", "lora-r1", "lora-r2"):  # the chosen lrs, as a sweep would have left them
+        json.dump(dict(name=name, lr=1e-2, val_loss=1.0), open(rec / "sweep" / f"{name}_lr0.01_s0.json", "w"))
+    results.main(["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
+                  "--results_dir", str(rec), "--methods", "dylora,lora-r1,lora-r2", "--seeds", "0,1", "--stage",
+                  "seeds", "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384",
+                  "--eval_limit", "1", "--device", "cpu"])
+    dy = [json.load(open(rec / "seeds" / f"dylora_lr0.01_s{k}.json")) for k in (0, 1)]
+    assert all(set(r["val_loss_by_rank"]) == {"1", "2", "4", "8", "16"} for r in dy)
+    assert all(r["val_loss_by_rank"]["16"] == pytest.approx(r["val_loss"], abs=1e-5) for r in dy)
+    assert len({round(v, 6) for v in dy[0]["val_loss_by_rank"].values()}) > 1  # the ranks differ
+    text = open(rec / "RESULTS.md").read()
+    assert "Claim 4: one dylora run" in text and "| 1 |" in text and "(lora-r1) | DyLoRA lower:" in text
+    assert "| 4 |" in text and "not run" in text and "Training cost: one dylora run" in text
+
+
 def test_sweep_extends_past_an_edge(monkeypatch):
     """The lr grid grows beyond whichever edge holds the best held-out loss, at the grid's ratio, until the best is
     inside it, a run diverges, or --lr_extend runs out (a fake run: loss = (log4(lr) - log4(best))^2)."""

@@ -69,8 +69,8 @@ def main():
         gv = go.transpose(1, 2).reshape(B * T, nh, hd)
 
         import inspect
-        kw = dict(window_size=(-1, 0), enable_gqa=True) if "enable_gqa" in inspect.signature(varlen_attn).parameters \
-            else dict(is_causal=True)  # torch 2.11: causal flag; flash takes fewer k/v heads as they are
+        params = inspect.signature(varlen_attn).parameters  # causal is window (-1, 0); 2.11 takes GQA as it is
+        kw = dict(window_size=(-1, 0), **({"enable_gqa": True} if "enable_gqa" in params else {}))
         res["varlen signature"] = str(inspect.signature(varlen_attn))
 
         def varlen():
