@@ -162,9 +162,12 @@ def evidence_run(stage, name, lr, seed, args, extra):
         return json.load(open(path))
     test = "" if stage == "sweep" else args.test_data  # the lr is chosen on the held-out loss alone
     failed = None
-    if not os.path.isfile(os.path.join(args.out_dir, stage, rname, "summary.json")):  # else finished: record it
+    import hashlib
+    runs_dir = os.path.join(args.out_dir, stage + ("_" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
+                                                   if extra else ""))  # other train.py flags: other run folders
+    if not os.path.isfile(os.path.join(runs_dir, rname, "summary.json")):  # else finished: record it
         try:
-            train(os.path.join(args.out_dir, stage), rname, RUNS[name] + [
+            train(runs_dir, rname, RUNS[name] + [
                 "--model", args.model, "--data", args.data, "--test_data", test, "--lr", f"{lr:g}", "--seed",
                 str(seed), "--eval_every", "25"] + extra)
         except UserError as e:
@@ -174,7 +177,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
     if failed:
         rec = dict(name=name, method=RUNS[name][1], lr=lr, seed=seed, val_loss=None, diverged=True)
     else:
-        rec = record(os.path.join(args.out_dir, stage), rname, name, args.model)
+        rec = record(runs_dir, rname, name, args.model)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)

@@ -139,7 +139,8 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     first = sorted(os.listdir(rec / "seeds"))[0]
     os.remove(rec / "seeds" / first)  # a record lost, its finished run still there: recorded again, not rerun
     os.remove(rec / "seeds" / sorted(os.listdir(rec / "seeds"))[0])
-    shutil.rmtree(tmp_path / "runs" / "seeds" / first[:-5])  # ... and a run that never finished: run again
+    seeds_dir = next((tmp_path / "runs").glob("seeds_*"))  # the run folders of these train.py flags
+    shutil.rmtree(seeds_dir / first[:-5])  # ... and a run that never finished: run again
     n = len(cmds)
     results.main(common + ["--stage", "seeds"])
     assert len(cmds) == n + 1 and len(os.listdir(rec / "seeds")) == 4
