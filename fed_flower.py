@@ -11,7 +11,7 @@ central LoRA-SB init, the held-out loss).
 
 On real machines (one SuperLink, one SuperNode per client; paths may differ per machine):
 
-    flower-superlink --insecure                                                      # the server's machine
+    flower-superlink --insecure --host 0.0.0.0                                       # the server's machine (port 8000)
     flower-supernode --insecure --superlink SERVER:8000 [--node-config "model=PATH data=PATH"]
     flwr run . my-federation --stream --run-config 'args="--method sb --clients N --rounds 3 --model PATH --data PATH"'
 
@@ -44,6 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import cli
 import fed
+import runs
 from cli import UserError
 
 server_app = ServerApp()
@@ -93,9 +94,9 @@ def discover(grid, n, timeout):
 def flower_clients(grid, argv, node_of, timeout, stats):
     """fed.main's `clients`: one TRAIN message per sampled client, its trained state (or None) back."""
     set_up = set()  # clients that hold LoRA-SB's B and A already (sent once, as fed.py counts them)
+    strategy = fed.STRATEGIES[cli.parse_run(argv, fed.FedConfig, fed.FED_METHODS)[0].method]
 
     def run(rnd, picked, fails, global_state, model, dp):
-        strategy = fed.STRATEGIES[cli.parse_run(argv, fed.FedConfig, fed.FED_METHODS)[0].method]
         adapter = strategy.method.adapter_state_dict(model)
         setup = {k: v.cpu() for k, v in adapter.items() if k not in global_state}  # the shared frozen init
         residual = {k: v.cpu() for k, v in fed.fedex_residuals(model).items()}
@@ -133,7 +134,8 @@ def flower_clients(grid, argv, node_of, timeout, stats):
             got["tensors"] += tensor_bytes(state)
             got["records"] += r.content["state"].count_bytes()
             done.append((k, state))
-        stats.append(dict(round=rnd + 1, survivors=[k for k, st in done if st is not None], down_tensor_bytes=sent["tensors"], down_record_bytes=sent["records"],
+        stats.append(dict(round=rnd + 1, survivors=[k for k, st in done if st is not None],
+                          down_tensor_bytes=sent["tensors"], down_record_bytes=sent["records"],
                           setup_tensor_bytes=sent["setup_tensors"], setup_record_bytes=sent["setup_records"],
                           up_tensor_bytes=got["tensors"], up_record_bytes=got["records"]))
         s = stats[-1]
@@ -171,10 +173,9 @@ def serve(grid, context):
     print(f"Flower sent {ours['down']:,} bytes of tensors down and {ours['up']:,} up (fed.py's accounting: "
           f"{accounted['down_bytes']:,} and {accounted['up_bytes']:,}); as Flower counts its records: "
           f"{counted['down']:,} and {counted['up']:,}, {counted['down'] + counted['up']:,} in all")
-    print(f"communication budget (FlowerTune LLM: {FLOWERTUNE_BUDGET_MB:,} MB over a run, both ways): {total_mb:,.3f} MB "
-          f"used, {100 * total_mb / FLOWERTUNE_BUDGET_MB:.4f}%")
+    print(f"communication budget (FlowerTune LLM: {FLOWERTUNE_BUDGET_MB:,} MB over a run, both ways): "
+          f"{total_mb:,.3f} MB used, {100 * total_mb / FLOWERTUNE_BUDGET_MB:.4f}%")
     run_dir = os.path.join(cfg.out_dir, cfg.run_name or cfg.method)
-    import runs
     runs.save_json(summary, os.path.join(run_dir, "summary.json"))
 
 
