@@ -114,7 +114,8 @@ def record(out_dir, rname, name, model_path=""):
     rec = dict(name=name, method=cfg["train"]["method"], lr=cfg["train"]["lr"], seed=cfg["train"]["seed"],
                rank=cfg["method_config"].get("rank"), epochs=cfg["train"]["epochs"], trainable=s["trainable_params"],
                steps=s["steps"], init_s=s["init_s"], train_s=s["train_s"], peak_gib=s["peak_gib"],
-               val_loss=s["val_loss"], curve=curve, acc=g.get("accuracy"), invalid=g.get("invalid_rate"), n=g.get("n"))
+               val_loss=s["val_loss"], curve=curve, acc=g.get("accuracy"), invalid=g.get("invalid_rate"), n=g.get("n"),
+               train_curve=[(l["step"], l["loss"]) for l in log if l.get("loss") is not None])
     if runs.METHODS[rec["method"]].NESTED_RANKS and model_path:
         rec["val_loss_by_rank"] = nested_val_losses(os.path.join(out_dir, rname), model_path, cfg["train"])
     return rec
@@ -287,6 +288,12 @@ def report(results_dir, path):
     for a, b, claim in claims:
         lines.append("- " + (verdict(loss[a], loss[b], claim) if a in loss and b in loss and len(loss[a]) > 1 and
                              len(loss[b]) > 1 else f"{claim}: not run yet"))
+    fit = {n: [sum(v for _, v in r["train_curve"][-5:]) / len(r["train_curve"][-5:]) for r in rs]
+           for n, rs in by.items() if all(r.get("train_curve") for r in rs)}  # each seed's last 5 logged losses
+    for bone in ("bone", "bone-shared"):  # claim 3's other half: the training fit
+        if bone in fit and "lora" in fit and len(fit[bone]) > 1 and len(fit["lora"]) > 1:
+            lines.append("- " + verdict(fit[bone], fit["lora"], f"{bone} fits the training data better than LoRA "
+                                                                "(mean of the last 5 logged training losses)"))
     if "ga" in by and "lora" in by:  # claim 2: the steps LoRA-GA needs to reach LoRA's final held-out loss
         target = mean_std(loss["lora"])[0]
         reach = [next((s for s, v in r["curve"] if v <= target), None) for r in by["ga"]]
@@ -333,6 +340,16 @@ def report(results_dir, path):
         ax.legend(fontsize=8)
         fig.savefig(os.path.join(results_dir, "loss_vs_params.png"), dpi=110, bbox_inches="tight")
         lines += ["", "![held-out loss against trainable parameters](loss_vs_params.png)"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))  # claims 2 and 3: how fast each method gets there
+        for name, rs in sorted(by.items()):
+            steps = [st for st, _ in rs[0]["curve"]]
+            curves = [[v for _, v in r["curve"]] for r in rs if [st for st, _ in r["curve"]] == steps]
+            ax.plot(steps, [sum(c[i] for c in curves) / len(curves) for i in range(len(steps))], label=name,
+                    lw=2 if name in ("lora", "ga", "bone", "bone-shared") else 1)
+        ax.set(xlabel="optimizer step", ylabel="held-out loss (mean over seeds)")
+        ax.legend(fontsize=8)
+        fig.savefig(os.path.join(results_dir, "loss_vs_steps.png"), dpi=110, bbox_inches="tight")
+        lines += ["", "![held-out loss against step (claims 2 and 3)](loss_vs_steps.png)"]
     except ImportError:
         lines += ["", "(no figure: no seeds yet, or matplotlib is not installed)"]
     with open(path, "w") as f:
