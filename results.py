@@ -40,6 +40,10 @@ RUNS.update({  # claim 1's figure (held-out loss against trainable parameters): 
     "bone-b32": ["--method", "bone", "--block_size", "32"],
 })
 DYLORA_RANKS = "1,2,4,8,16"  # the ranks a run of a method with NESTED_RANKS is scored at
+FED_RUNS = {  # claim 5: fed.py strategies at several ranks (Fed-SB's R is r x r: its ranks run higher)
+    **{f"fed-sb-r{r}": ["--method", "sb", "--rank", str(r)] for r in (32, 64, 128)},
+    **{f"fed-{m}-r{r}": ["--method", m, "--rank", str(r)] for m in ("fedit", "ffa", "fedex") for r in (4, 16, 32)},
+}
 
 
 @dataclass
@@ -52,11 +56,14 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     figure: str = ""  # where the held-out loss figure goes; empty: <out_dir>/loss.png
     merged_check: bool = False  # CUDA: also score each run's adapter merged into a bf16 base (the precision table)
     stage: str = "table"  # table (one run per method) | sweep (lr grid, seed 0) | seeds (the chosen lr, --seeds) |
+    # fed (claim 5: --fed_runs x --dp_epsilons x --seeds, fed.py runs) |
     # report (RESULTS.md and its figure from --results_dir alone, no run)
     results_dir: str = "results/evidence"  # each finished sweep/seeds run's record (small JSON, committed)
     lr_factors: tuple = ("0.25", "1", "4", "16")  # the sweep: each method's DEFAULT_LR times these (the defaults are
     # the papers' 7B settings; a small model often wants more)
-    seeds: tuple = ("0", "1", "2")  # the seeds run at each method's chosen lr
+    seeds: tuple = ("0", "1", "2")  # the seeds run at each method's chosen lr (and of each --stage fed run)
+    fed_runs: str = ",".join(FED_RUNS)  # --stage fed: the federated runs (FED_RUNS), comma-separated
+    dp_epsilons: tuple = ("inf", "1", "3", "7.5")  # --stage fed: each run without privacy (inf) and at these epsilons
     lr_extend: int = 3  # sweep: while the best lr is at the grid's edge, try this many more beyond it (same ratio)
 
 
@@ -213,6 +220,63 @@ def sweep(name, default_lr, factors, args, extra):
     return recs
 
 
+def fed_run(name, eps, seed, args, extra):
+    """One fed.py run of claim 5 (its own process), or its committed record in results_dir/fed/: the final held-out
+    loss, the bytes moved in fed.py's convention and in the Fed-SB paper's, and the epsilon spent."""
+    rname = f"{name}_eps{eps}_s{seed}"
+    path = os.path.join(args.results_dir, "fed", rname + ".json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    out_dir = os.path.join(args.out_dir, "fed")
+    if not os.path.isfile(os.path.join(out_dir, rname, "summary.json")):
+        argv = FED_RUNS[name] + ["--model", args.model, "--data", args.data, "--seed", str(seed), "--out_dir", out_dir,
+                                 "--run_name", rname, "--overwrite"] + (["--dp_epsilon", eps] if eps != "inf" else [])
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fed.py")
+        proc = subprocess.run([sys.executable, script] + argv + extra, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode:
+            raise UserError(f"the {rname} run failed (exit {proc.returncode}); its output is above")
+    s = json.load(open(os.path.join(out_dir, rname, "summary.json")))
+    paper = s["per_client_per_round"]["paper"]
+    sent = sum(len(r["clients"]) for r in s["log"] if r.get("clients"))  # client-rounds
+    rec = dict(name=name, strategy=s["method"], rank=s["rank"], eps=eps, seed=seed, val_loss=s["final_val_loss"],
+               bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
+               paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
+               epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
+def fed_report(recs):
+    """Claim 5's lines: per privacy setting, every run's bytes (both conventions) and held-out loss, then whether
+    Fed-SB dominates each other strategy: every point of it matched by a Fed-SB point with no more bytes and no
+    higher mean held-out loss."""
+    lines = []
+    for eps in sorted({r["eps"] for r in recs}, key=float):
+        rs = [r for r in recs if r["eps"] == eps]
+        groups = {}
+        for r in rs:
+            groups.setdefault(r["name"], []).append(r)
+        pts = {n: (g[0]["strategy"], g[0]["bytes"], g[0]["paper_bytes"], mean_std([r["val_loss"] for r in g]))
+               for n, g in groups.items()}
+        title = "without privacy" if eps == "inf" else f"DP-SGD, epsilon {eps} per client"
+        lines += ["", f"### Claim 5: Fed-SB on the communication / held-out loss plane, {title}", "",
+                  "| run | bytes (fed.py's) | bytes (Fed-SB paper's) | held-out loss | seeds |", "|---|---|---|---|---|"]
+        for n, (_, b, pb, (m, sd)) in sorted(pts.items(), key=lambda kv: kv[1][1]):
+            lines.append(f"| {n} | {b:,} | {pb:,} | {m:.4f} +- {sd:.4f} | {len(groups[n])} |")
+        sb = [(b, pb, m) for st, b, pb, (m, _) in pts.values() if st == "sb"]
+        for other in sorted({st for st, *_ in pts.values()} - {"sb"}):
+            theirs = [(b, pb, m) for st, b, pb, (m, _) in pts.values() if st == other]
+            for conv, i in (("fed.py's bytes", 0), ("the paper's bytes", 1)):
+                beaten = sum(any(s[i] <= t[i] and s[2] <= t[2] for s in sb) for t in theirs)
+                word = "holds" if sb and beaten == len(theirs) else "does not hold"
+                lines.append(f"- Fed-SB dominates {other} ({conv}): **{word}** ({beaten} of its {len(theirs)} "
+                             f"points matched by a Fed-SB point with no more bytes and no higher mean loss)")
+    return lines
+
+
 def chosen_lr(name, results_dir):
     """The swept lr with the lowest held-out loss (seed 0), or None before the sweep has run."""
     recs = [json.load(open(os.path.join(results_dir, "sweep", f))) for f in sorted(os.listdir(
@@ -245,9 +309,10 @@ def report(results_dir, path):
         d = os.path.join(results_dir, stage)
         return [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if f.endswith(".json")] \
             if os.path.isdir(d) else []
-    sweep, seeds = load("sweep"), load("seeds")
-    if not sweep and not seeds:
-        raise UserError(f"no records in {results_dir}/sweep or /seeds: run --stage sweep, then --stage seeds")
+    sweep, seeds, fed_recs = load("sweep"), load("seeds"), load("fed")
+    if not sweep and not seeds and not fed_recs:
+        raise UserError(f"no records in {results_dir}/sweep, /seeds or /fed: run --stage sweep, then --stage seeds "
+                        f"(or --stage fed)")
     lines = ["# Results", "", "Generated by `python results.py --stage report` from the records in "
              f"`{results_dir}/` (one JSON per finished run); nothing here is typed by hand.", "",
              "Protocol: each method at its own defaults (train.py), one epoch of the training file minus the "
@@ -303,6 +368,7 @@ def report(results_dir, path):
         lines.append(f"- LoRA-GA converges 2-4x faster than LoRA: the steps it needs to reach LoRA's final held-out "
                      f"loss ({target:.4f}, LoRA's {lora_steps} steps), per seed: {reach}; {speed} (curves are "
                      f"evaluated every 25 steps, so this resolves 25 steps)")
+    lines += fed_report(fed_recs)
     for dy in ("dylora", "dylora-nf"):  # claim 4: one run used at every rank, against LoRA trained at that rank
         runs_by_rank = [r.get("val_loss_by_rank") for r in by.get(dy, []) if r.get("val_loss_by_rank")]
         if not runs_by_rank:
@@ -424,11 +490,11 @@ def main(argv=None):
         return cli.print_help(__doc__, [("options (others go on to train.py)", ResultsConfig)])
     extra = []
     args, = cli.parse(argv, ResultsConfig(), rest=extra)
-    if args.stage not in ("table", "sweep", "seeds", "report"):
-        raise UserError(f"--stage must be table, sweep, seeds or report, got {args.stage!r}")
+    if args.stage not in ("table", "sweep", "seeds", "fed", "report"):
+        raise UserError(f"--stage must be table, sweep, seeds, fed or report, got {args.stage!r}")
     if args.stage == "report":  # from the committed records alone: no model, no data, no GPU
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))
-    for k in ("model", "data", "test_data"):
+    for k in ("model", "data") + (("test_data",) if args.stage != "fed" else ()):
         if not getattr(args, k):
             raise UserError(f"--{k} is required (results.py --model PATH --data train.jsonl --test_data test.jsonl)")
     names = args.methods.split(",")
@@ -440,6 +506,18 @@ def main(argv=None):
     except ValueError:
         raise UserError("--lr_factors takes numbers (e.g. 0.5,1,2) and --seeds whole numbers (e.g. 0,1,2)") from None
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)
+        fed_names = args.fed_runs.split(",")
+        bad = [n for n in fed_names if n not in FED_RUNS] + [e for e in args.dp_epsilons if not (
+            e == "inf" or e.replace(".", "", 1).isdigit() and float(e) > 0)]
+        if bad:
+            raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
+                            f"{bad[0]!r}")
+        for n in fed_names:
+            for eps in args.dp_epsilons:
+                for sd in seeds:
+                    fed_run(n, eps, sd, args, extra)
+        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))
     if args.stage in ("sweep", "seeds"):
         import runs
         for n in names:

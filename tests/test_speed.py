@@ -179,6 +179,31 @@ def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert "| 4 |" in text and "not run" in text and "Training cost: one dylora run" in text
 
 
+def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
+    """Claim 5's pipeline: fed.py runs recorded with their bytes in both conventions (Fed-SB: the paper counts no
+    setup; FedEx: its download K P) and held-out loss, with DP-SGD's epsilon, and the report's dominance lines."""
+    import fed
+
+    def in_process(cmd, **kw):
+        fed.main(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+    monkeypatch.setattr(subprocess, "run", in_process)
+    results = script("results")
+    rec = tmp_path / "records"
+    results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
+                  str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
+                  "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "1", "--batch_size", "4",
+                  "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
+    recs = {f: json.load(open(rec / "fed" / f)) for f in os.listdir(rec / "fed")}
+    assert len(recs) == 4
+    sb, fx = recs["fed-sb-r32_epsinf_s0.json"], recs["fed-fedex-r4_epsinf_s0.json"]
+    assert sb["bytes"] > sb["paper_bytes"]  # ours counts the one-time download of B and A
+    assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < recs["fed-sb-r32_eps3_s0.json"]["epsilon"] <= 3
+    text = open(rec / "RESULTS.md").read()
+    assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy" in text
+    assert "DP-SGD, epsilon 3 per client" in text and "Fed-SB dominates fedex (the paper's bytes)" in text
+
+
 def test_sweep_extends_past_an_edge(monkeypatch):
     """The lr grid grows beyond whichever edge holds the best held-out loss, at the grid's ratio, until the best is
     inside it, a run diverges, or --lr_extend runs out (a fake run: loss = (log4(lr) - log4(best))^2)."""
