@@ -402,19 +402,16 @@ class Llama(nn.Module):
                             raise UserError(f"{name}: {k} has shape {shape}, config.json implies "
                                             f"{tuple(expected[k])}: config.json does not match the weights")
                         sd[k] = f.get_tensor(k).to(dtype)
+                        if not torch.isfinite(sd[k]).all():  # else it trains from NaN and blames the lr
+                            raise UserError(f"{path}: {k} holds NaN or inf values: the checkpoint is damaged; "
+                                            f"download it again")
                         if base_bits == 4 and nf4.is_quantized(k):
-                            if not torch.isfinite(sd[k]).all():
-                                raise UserError(f"{path}: {k} holds NaN or inf values: the checkpoint is damaged; "
-                                                f"download it again")
                             sd[k] = nf4.quantize_weight(sd[k], dtype)
             except UserError:
                 raise
             except Exception as e:  # safetensors raises its own error types for broken files
                 raise UserError(f"cannot read {fpath} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
                                 f"the file is truncated or corrupt; download it again") from None
-        bad = next((k for k, v in sd.items() if not isinstance(v, nf4.NF4Tensor) and not torch.isfinite(v).all()), None)
-        if bad:  # a damaged file would otherwise train from NaN and blame the learning rate
-            raise UserError(f"{path}: {bad} holds NaN or inf values: the checkpoint is damaged; download it again")
         missing = sorted(set(expected) - set(sd))
         if missing:
             raise UserError(f"checkpoint in {path} lacks {len(missing)} tensors (e.g. {missing[0]}): "

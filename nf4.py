@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
+from cli import UserError
+
 BLOCK = 64  # weights per absmax (QLoRA's)
 OFFSET = 0.9677083  # the highest quantile's probability (QLoRA / bitsandbytes): (1 - 1/(2*15) + 1 - 1/(2*16)) / 2
 
@@ -96,7 +98,8 @@ class NF4Tensor(torch.Tensor):
 def quantize_weight(w, dtype):
     """An NF4 Parameter (frozen) for the weight w, reporting the compute dtype."""
     if w.numel() % BLOCK:
-        raise ValueError(f"a weight of {tuple(w.shape)} is not a whole number of {BLOCK}-weight blocks")
+        raise UserError(f"--base_bits 4: a weight of {tuple(w.shape)} is not a whole number of {BLOCK}-weight NF4 "
+                        f"blocks; use --base_bits 16 for this model")
     return nn.Parameter(NF4Tensor(*quantize(w), w.shape, dtype), requires_grad=False)
 
 

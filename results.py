@@ -12,6 +12,7 @@ and re-run to finish. Writes <out_dir>/results.md (the table), results.json and
 <out_dir>/loss.png (held-out loss against step; needs matplotlib). `--merged_check 1` (CUDA) adds, per run, the
 held-out loss and GSM8K accuracy of the model as trained against the same adapter merged into a bf16 base.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -76,8 +77,14 @@ def train(out_dir, name, argv):
         argv.append("--resume")
     elif os.path.isdir(out) and os.listdir(out):
         argv.append("--overwrite")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    proc = subprocess.run([sys.executable, script] + argv, stderr=subprocess.PIPE, text=True)
+    run_script("train.py", name, argv)
+
+
+def run_script(script, name, argv):
+    """`python <script> argv` (train.py or fed.py) in its own process; its stderr passes through, and a failure
+    becomes one line with the run's own last line (e.g. train.py's "training stopped")."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    proc = subprocess.run([sys.executable, path] + argv, stderr=subprocess.PIPE, text=True)
     sys.stderr.write(proc.stderr)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or [""])[-1]
@@ -134,12 +141,12 @@ def nested_val_losses(run_dir, model_path, train_cfg):
     import torch
     import torch.nn as nn
     import data
+    import fetch
     import runs
     import step
     from model import Llama, Tokenizer
     cfg = cli.from_dict(data.DataConfig, train_cfg)
     tok = Tokenizer.from_pretrained(model_path)
-    import fetch
     _, val_ex, _ = data.splits(cfg, fetch.resolve_data(train_cfg["data"], "train"))
     val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
     batches = data.eval_batches(val, 16, cfg.max_len, tok.pad_id)
@@ -170,7 +177,6 @@ def evidence_run(stage, name, lr, seed, args, extra):
         return json.load(open(path))
     test = "" if stage == "sweep" else args.test_data  # the lr is chosen on the held-out loss alone
     failed = None
-    import hashlib
     runs_dir = os.path.join(args.out_dir, stage + ("_" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
                                                    if extra else ""))  # other train.py flags: other run folders
     if not os.path.isfile(os.path.join(runs_dir, rname, "summary.json")):  # else finished: record it
@@ -231,11 +237,7 @@ def fed_run(name, eps, seed, args, extra):
     if not os.path.isfile(os.path.join(out_dir, rname, "summary.json")):
         argv = FED_RUNS[name] + ["--model", args.model, "--data", args.data, "--seed", str(seed), "--out_dir", out_dir,
                                  "--run_name", rname, "--overwrite"] + (["--dp_epsilon", eps] if eps != "inf" else [])
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fed.py")
-        proc = subprocess.run([sys.executable, script] + argv + extra, stderr=subprocess.PIPE, text=True)
-        sys.stderr.write(proc.stderr)
-        if proc.returncode:
-            raise UserError(f"the {rname} run failed (exit {proc.returncode}); its output is above")
+        run_script("fed.py", rname, argv + extra)
     s = json.load(open(os.path.join(out_dir, rname, "summary.json")))
     paper = s["per_client_per_round"]["paper"]
     sent = sum(len(r["clients"]) for r in s["log"] if r.get("clients"))  # client-rounds

@@ -23,6 +23,7 @@ import torch
 import bone
 import dylora
 import full
+import nf4
 import lora
 import lora_ga
 import lora_sb
@@ -114,7 +115,6 @@ def save_hf(model, src, out, dtype="auto", base_bits=16):
     from safetensors.torch import save_file
     src_cfg = json.load(open(os.path.join(src, "config.json")))
     src_dtype = getattr(torch, src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "bfloat16")
-    import nf4
     sd = {k: (v.dequantize() if isinstance(v, nf4.NF4Tensor) else v).detach().contiguous()
           for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
@@ -124,7 +124,7 @@ def save_hf(model, src, out, dtype="auto", base_bits=16):
         with safe_open(f, framework="pt") as fh:
             W0.update({k: fh.get_tensor(k) for k in fh.keys() if k in sd})
     if base_bits == 4:  # the base as trained: each weight through NF4 and back
-        W0 = {k: nf4.quantize_weight(v, torch.float32).dequantize() if nf4.is_quantized(k) else v
+        W0 = {k: nf4.dequantize(*nf4.quantize(v), v.shape, torch.float32) if nf4.is_quantized(k) else v
               for k, v in W0.items()}
 
     def lost(dt):  # ||round(W) - W|| / ||W - W0|| over every tensor

@@ -69,15 +69,25 @@ def test_bench_smoke():
     assert rows[1]["init_s"] > 0 and rows[0]["init_s"] is None and all(r["tok_s"] > 0 for r in rows)
 
 
+def run_scripts_in_process(monkeypatch, main, cmds=None):
+    """results.py starts a process per run ([python, script, *argv]); here each runs in-process through `main`
+    (a process per run would be a torch import each), exiting as cli.run does; `cmds` collects the commands."""
+    def run(cmd, **kw):
+        if cmds is not None:
+            cmds.append(cmd)
+        try:
+            main(cmd[2:])
+        except UserError as e:
+            return subprocess.CompletedProcess(cmd, 1, stderr=f"error: {e}\n")
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+    monkeypatch.setattr(subprocess, "run", run)
+
+
 def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     """results.py's table from two runs (DyLoRA scored at every rank); each train.py run is done in-process here
     (results.py starts a process per run: here that would be two torch imports), and finished runs are read back."""
     train = script("train")
-
-    def in_process(cmd, **kw):  # [python, train.py, *argv]
-        train.main(cmd[2:])
-        return subprocess.CompletedProcess(cmd, 0, stderr="")
-    monkeypatch.setattr(subprocess, "run", in_process)
+    run_scripts_in_process(monkeypatch, train.main)
     results = script("results")
     argv = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path),
             "--methods", "lora,dylora", "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384",
@@ -90,7 +100,7 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     rows2 = results.main(argv)
     assert json.loads(json.dumps(rows2)) == json.loads(json.dumps(rows))
     cmds = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or in_process(cmd))
+    run_scripts_in_process(monkeypatch, train.main, cmds)
     (tmp_path / "lora" / "result.json").unlink()  # as if cut off after its checkpoint: resumed, not refused
     (tmp_path / "dylora" / "result.json").unlink()
     (tmp_path / "dylora" / "ckpt.pt").unlink()  # as if cut off before any checkpoint: started again
@@ -104,15 +114,7 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     RESULTS.md from the records alone (no model, no data, no run)."""
     train = script("train")
     cmds = []
-
-    def in_process(cmd, **kw):
-        cmds.append(cmd)
-        try:
-            train.main(cmd[2:])
-        except UserError as e:  # as cli.run would exit
-            return subprocess.CompletedProcess(cmd, 1, stderr=f"error: {e}\n")
-        return subprocess.CompletedProcess(cmd, 0, stderr="")
-    monkeypatch.setattr(subprocess, "run", in_process)
+    run_scripts_in_process(monkeypatch, train.main, cmds)
     results = script("results")
     rec = tmp_path / "records"
     common = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
@@ -155,12 +157,7 @@ def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
     """Claim 4's pipeline: a DyLoRA seeds run is recorded with its held-out loss at every rank (its adapter re-applied
     at each rank), which equals train.py's own held-out loss at the full rank, and the report sets each rank
     against LoRA trained at that rank."""
-    train = script("train")
-
-    def in_process(cmd, **kw):
-        train.main(cmd[2:])
-        return subprocess.CompletedProcess(cmd, 0, stderr="")
-    monkeypatch.setattr(subprocess, "run", in_process)
+    run_scripts_in_process(monkeypatch, script("train").main)
     results = script("results")
     rec = tmp_path / "records"
     os.makedirs(rec / "sweep")
@@ -183,11 +180,7 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     """Claim 5's pipeline: fed.py runs recorded with their bytes in both conventions (Fed-SB: the paper counts no
     setup; FedEx: its download K P) and held-out loss, with DP-SGD's epsilon, and the report's dominance lines."""
     import fed
-
-    def in_process(cmd, **kw):
-        fed.main(cmd[2:])
-        return subprocess.CompletedProcess(cmd, 0, stderr="")
-    monkeypatch.setattr(subprocess, "run", in_process)
+    run_scripts_in_process(monkeypatch, fed.main)
     results = script("results")
     rec = tmp_path / "records"
     results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
