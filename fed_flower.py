@@ -256,6 +256,8 @@ class Local:
 
     def __init__(self, nodes, root, node_config=""):
         self.root, self.procs, self.port = root, [], free_port()
+        # the server and N clients share this machine's cores: each process its share of threads (unless set)
+        self.threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // (nodes + 1)))
         self.bin = os.path.dirname(sys.executable)  # flower-superlink etc. beside this python
         self.link = self.spawn("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
                                              str(self.port), "--disable-runtime-dependency-installation"])
@@ -281,7 +283,8 @@ class Local:
 
     def env(self, home):
         env = dict(os.environ, FLWR_HOME=os.path.join(self.root, "home_" + home), FLWR_DISABLE_UPDATE_CHECK="1",
-                   FLWR_TELEMETRY_ENABLED="0", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1", PYTHONUNBUFFERED="1")
+                   FLWR_TELEMETRY_ENABLED="0", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1", PYTHONUNBUFFERED="1",
+                   OMP_NUM_THREADS=self.threads)
         env["PATH"] = self.bin + os.pathsep + env.get("PATH", "")  # the SuperLink/SuperNode start flower-superexec
         return env
 
