@@ -11,7 +11,7 @@ GSM8K = os.path.join(SHARED, "data", "gsm8k")
 LLAMA2_SP = os.path.join(SHARED, "tokenizers", "llama2")
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared is absent")
 
-torch.set_num_threads(min(4, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 def script(name):
@@ -104,3 +104,28 @@ def write_gsm8k(path, n=48, seed=0):
 @pytest.fixture(scope="session")
 def gsm_file(tmp_path_factory):
     return write_gsm8k(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+# A test whose function has a `background` attribute (an object with start() and stop()) is slow mostly by waiting
+# (tests/test_flower.py: live Flower deployments): its work starts as soon as the session's tests are collected and
+# the test itself collects the result after the other tests, so their work fills that waiting. Tests of a module
+# with `ALONE = True` (tests/test_dist.py: processes that wait on each other in collectives, which crawl when other
+# processes take their cores) run after it, when the background work is over.
+def background_of(item):
+    return getattr(getattr(item, "function", None), "background", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: 2 if getattr(item.module, "ALONE", False) else background_of(item) is not None)
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        if background_of(item) is not None:
+            background_of(item).start()
+
+
+def pytest_sessionfinish(session):
+    for item in getattr(session, "items", []):  # an interrupted or failed session leaves no process behind
+        if background_of(item) is not None:
+            background_of(item).stop()

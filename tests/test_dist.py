@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 import fed
 import runs
 from conftest import script, ROOT
+
+ALONE = True  # conftest.py: run after the background work (two processes in lock step crawl beside other work)
 from cli import UserError
 
 train = script("train")  # train.py is a script: its main() is run, never imported

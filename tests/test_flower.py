@@ -4,6 +4,7 @@ settings, the bytes of tensors Flower carried equal fed.py's accounting, a Super
 the round to the survivors, and a client that never connects gives one clear line."""
 import json
 import os
+import pathlib
 import shutil
 import signal
 import tempfile
@@ -15,6 +16,7 @@ import torch
 pytest.importorskip("flwr")
 import fed  # noqa: E402
 import fed_flower  # noqa: E402
+from conftest import hf_tiny, write_bpe_tokenizer, write_gsm8k  # noqa: E402
 
 
 def fed_args(tiny_dir, gsm_file, out, method, **kw):
@@ -49,41 +51,78 @@ def alive(pid):
         return False
 
 
-def test_flower_runs_equal_fed_py(tiny_dir, gsm_file, tmp_path):
-    """Two deployments side by side (a Flower run is mostly waiting: SuperNodes look for messages every 3 s):
-    FedEx-LoRA with DP-SGD on 2 SuperNodes, untouched; Fed-SB on 2, one of which is stopped as soon as round 1 is sent, so
-    that round and the next go on with the survivor (then a run that needs the missing client stops with one
-    line). Each final adapter equals fed.py's in-process run with the same seed and settings (the dropped client
-    dropped there too), and the bytes of tensors Flower carried are fed.py's accounting of them."""
-    roots = [tempfile.mkdtemp(prefix="nanopeft_flower_test_") for _ in range(2)]
-    deps = [fed_flower.Local(2, roots[0]), fed_flower.Local(2, roots[1])]
-    sb_dep = deps[1]
-    try:
-        private = dict(dp_epsilon=8, dp_seed=0)  # DP-SGD on the clients; the seed makes its noise repeatable
-        fedex = fed_args(tiny_dir, gsm_file, tmp_path, "fedex", clients=2, run_name="fedex", **private)
-        sb = fed_args(tiny_dir, gsm_file, tmp_path, "sb", clients=2, run_name="sb", init_samples=8)
+class Live:
+    """The live deployment of test_flower_runs_equal_fed_py (a SuperLink and 2 SuperNodes), run in the background
+    from the moment the session's tests are collected (conftest.py: a test with a `background` attribute starts it
+    then and runs last): a Flower run is mostly waiting (a SuperNode looks for messages every 3 s, each message
+    starts a process), and the other tests' work fills that time. Two runs one after the other on it: FedEx-LoRA with
+    DP-SGD, untouched; then Fed-SB, one of whose SuperNodes is stopped as soon as round 1 is sent. Their own tiny
+    model and data (the session fixtures do not exist yet)."""
+    root = dep = thread = None
+    outs = {}
+
+    @classmethod
+    def start(cls):
+        cls.root = tempfile.mkdtemp(prefix="nanopeft_flower_test_")
+        cls.tiny = os.path.join(cls.root, "tiny")
+        hf_tiny(vocab=256).save_pretrained(cls.tiny)
+        write_bpe_tokenizer(cls.tiny, vocab=256)
+        cls.gsm = write_gsm8k(os.path.join(cls.root, "train.jsonl"))
+        cls.dep = fed_flower.Local(2, tempfile.mkdtemp(dir=cls.root))
 
         def kill(line):
             if "round 1: sent to clients" in line:
-                for p in fed_flower.process_tree(sb_dep.nodes[1].pid):
+                for p in fed_flower.process_tree(cls.dep.nodes[1].pid):
                     try:
                         os.kill(p, signal.SIGTERM)
                     except ProcessLookupError:
                         pass
-        outs = {}
-        jobs = [threading.Thread(target=lambda: outs.update(fedex=deps[0].run(fedex, timeout=240))),
-                threading.Thread(target=lambda: outs.update(sb=sb_dep.run(sb, timeout=240, on_line=kill)))]
-        for j in jobs:
-            j.start()
-        for j in jobs:
-            j.join()
-    finally:
-        for d in deps:
-            d.close()
-    leftover = [p for d in deps for proc in d.procs for p in fed_flower.process_tree(proc.pid) if alive(p)]
+
+        def runs():
+            try:
+                cls.outs["fedex"] = cls.dep.run(cls.args("fedex", **PRIVATE), timeout=240)
+                cls.outs["sb"] = cls.dep.run(cls.args("sb", **SB), timeout=240, on_line=kill)
+            except Exception as e:  # reported by the test
+                cls.outs["error"] = f"{type(e).__name__}: {e}"
+        cls.thread = threading.Thread(target=runs)
+        cls.thread.start()
+
+    @classmethod
+    def args(cls, method, **kw):
+        return fed_args(cls.tiny, cls.gsm, cls.root, method, clients=2, run_name=method, **kw)
+
+    @classmethod
+    def join(cls):
+        """Wait for both runs, stop every process; {run: its output}."""
+        if cls.thread is None:
+            cls.start()
+        try:
+            cls.thread.join()
+        finally:
+            cls.stop()
+        return cls.outs
+
+    @classmethod
+    def stop(cls):
+        if cls.dep is not None:
+            cls.dep.close()
+
+
+PRIVATE = dict(dp_epsilon=8, dp_seed=0)  # DP-SGD on the clients; the seed makes its noise repeatable
+SB = dict(init_samples=8)
+
+
+def test_flower_runs_equal_fed_py():
+    """A deployment of a SuperLink and 2 SuperNodes (see Live), 2 rounds each: FedEx-LoRA with DP-SGD, untouched;
+    Fed-SB, one of whose SuperNodes is stopped as soon as round 1 is sent, so that round and the next go on with
+    the survivor. Each final adapter equals fed.py's in-process run with the same seed and settings (the dropped
+    client dropped there too), and the bytes of tensors Flower carried are fed.py's accounting of them."""
+    outs = Live.join()
+    assert "error" not in outs, outs
+    leftover = [p for proc in Live.dep.procs for p in fed_flower.process_tree(proc.pid) if alive(p)]
     assert not leftover, f"processes left running: {leftover}"
-    for r in roots:
-        shutil.rmtree(r, ignore_errors=True)
+    tiny_dir, gsm_file, tmp_path = Live.tiny, Live.gsm, pathlib.Path(Live.root)
+    private = PRIVATE
 
     # FedEx-LoRA, every client in every round
     summary = json.load(open(tmp_path / "fedex" / "summary.json"))
@@ -111,14 +150,17 @@ def test_flower_runs_equal_fed_py(tiny_dir, gsm_file, tmp_path):
     survivors = [r["survivors"] for r in summary["flower"]["rounds"]]
     assert len(survivors[1]) == 1 and set(survivors[1]) <= set(survivors[0]), outs["sb"][-3000:]
     assert [r["survivors"] for r in summary["log"][1:]] == [len(s) for s in survivors]
-    ref = in_process(fed_args(tiny_dir, gsm_file, tmp_path, "sb", clients=2, run_name="sb_ref", init_samples=8),
-                     survivors)
+    ref = in_process(fed_args(tiny_dir, gsm_file, tmp_path, "sb", clients=2, run_name="sb_ref", **SB), survivors)
     a, b = final_state(tmp_path, "sb")["adapter"], final_state(tmp_path, "sb_ref")["adapter"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     flw, comm = summary["flower"]["tensor_bytes"], summary["per_client_per_round"]
     assert flw["up"] == summary["total"]["up_bytes"]  # survivors only, both ways of counting
     # round 2 sent nothing to the stopped node, which fed.py counts as sent to a client that then dropped out
     assert flw["down"] == summary["total"]["down_bytes"] - comm["down_bytes"]
+    shutil.rmtree(Live.root, ignore_errors=True)
+
+
+test_flower_runs_equal_fed_py.background = Live  # conftest.py: started at collection, run last
 
 
 def test_a_client_that_never_connects_gets_one_line(tiny_dir, gsm_file, tmp_path, capsys):
