@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import UserError
+from model import EXAMPLE_TOKENS
 
 # the Alpaca-style prompt of MetaMath, LoRA-XS, LoRA-SB and Fed-SB; {question} is replaced
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -134,13 +135,15 @@ def check(cfg):
 
 def pack(seqs, max_len, pad_id, static=False):
     """First-fit-decreasing packing of examples into rows of at most max_len tokens. Returns x, y, pos (R, T):
-    y is -100 on prompt and padding; pos restarts at 0 for each example (the model masks attention by it).
-    static: T = max_len and R rounded up to a multiple of 4, so a CUDA graph captured for one shape serves
-    (nearly) every step."""
+    y is -100 on prompt and padding; pos restarts at 0 for each example (the model keeps attention within each
+    example by it), and padding continues the row's last example (an empty row: one example of padding), which
+    nothing reads. A row holds at most one example per model.EXAMPLE_TOKENS of its tokens (the bound the GPU's
+    variable-length attention takes). static: T = max_len and R rounded up to a multiple of 4, so a CUDA graph
+    captured for one shape serves (nearly) every step."""
     rows = []  # [used, [example indices]]
     for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
         n = len(seqs[i][0]) - 1  # inputs are ids[:-1]
-        row = next((r for r in rows if r[0] + n <= max_len), None)
+        row = next((r for r in rows if r[0] + n <= max_len and len(r[1]) < (r[0] + n) // EXAMPLE_TOKENS), None)
         if row is None:
             row = [0, []]
             rows.append(row)
@@ -149,7 +152,7 @@ def pack(seqs, max_len, pad_id, static=False):
     R, T = (-(-len(rows) // 4) * 4, max_len) if static else (len(rows), max(r[0] for r in rows))
     x = torch.full((R, T), pad_id, dtype=torch.long)
     y = torch.full((R, T), -100, dtype=torch.long)
-    pos = torch.zeros((R, T), dtype=torch.long)  # padding: every slot its own one-token example
+    pos = torch.arange(T).repeat(R, 1)  # (R, T)
     for r, (_, items) in enumerate(rows):
         t = 0
         for i in items:
@@ -159,6 +162,7 @@ def pack(seqs, max_len, pad_id, static=False):
             y[r, t + n_prompt - 1:t + n] = torch.tensor(ids[n_prompt:])  # predict the target tokens only
             pos[r, t:t + n] = torch.arange(n)
             t += n
+        pos[r, t:] = torch.arange(n, n + T - t)  # padding: the last example's positions go on
     return x, y, pos
 
 

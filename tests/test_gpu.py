@@ -140,6 +140,52 @@ def test_compiled_model_equals_eager():
         assert (g_comp[n] - g_eager[n]).norm() <= 0.03 * g_eager[n].norm(), n
 
 
+def test_packed_rows_take_flash_varlen_and_equal_the_mask(monkeypatch):
+    """Packed rows on the GPU go through FlashAttention's variable-length kernel (model.FlashVarlen), not a mask:
+    its logits (every real token), loss and gradients equal the dense-mask path (SDPA with the block-diagonal
+    causal mask, the CPU's path) up to bf16 rounding, and each example's logits equal that example run alone; in a
+    CUDA graph it replays the eager result."""
+    import model as M
+    _, _, model = build("lora")
+    for p in model.parameters():  # a non-zero adapter, so its gradients are not trivially equal
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    seqs = examples(24, seed=4)
+    x, y, pos = (t.to(DEV) for t in data.pack(seqs, 160, 0, static=True))  # (R, 160), several examples per row
+    assert M.flash_varlen_ok(DEV, torch.bfloat16, CFG.head_dim) and (pos == 0).sum() > x.shape[0]
+    calls = []
+    monkeypatch.setattr(M.FlashVarlen, "apply", lambda *a, f=M.FlashVarlen.apply: calls.append(1) or f(*a))
+    real = x != 0
+
+    def run(varlen):
+        monkeypatch.setattr(M, "flash_varlen_ok", lambda *a: varlen)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with step.autocast(DEV):
+            loss = model(x, y, pos)[1]
+            with torch.no_grad():
+                logits = model(x, pos=pos)[0].float()  # (R, T, V)
+        return loss.item(), logits, torch.autograd.grad(loss, params)
+
+    n = len(calls)
+    loss_v, logits_v, g_v = run(True)
+    assert len(calls) == n + 2 * CFG.n_layers  # both forwards, every layer, took the varlen kernel
+    loss_m, logits_m, g_m = run(False)
+    assert len(calls) == n + 2 * CFG.n_layers  # and the mask path none
+    assert abs(loss_v - loss_m) <= 2e-3 * abs(loss_m)
+    assert (logits_v - logits_m)[real].abs().max() <= 0.02 * logits_m[real].abs().max()
+    for a, b in zip(g_v, g_m):
+        assert (a - b).norm() <= 0.03 * b.norm()
+    monkeypatch.setattr(M, "flash_varlen_ok", lambda *a: True)
+    r, t = 0, 0  # the first row's examples, each alone (no pos: plain causal attention)
+    starts = (pos[r] == 0).nonzero().flatten().tolist() + [int(real[r].sum())]
+    with torch.no_grad(), step.autocast(DEV):
+        for a, b in zip(starts, starts[1:]):
+            alone = model(x[r:r + 1, a:b])[0].float()[0]  # (b - a, V)
+            assert (alone - logits_v[r, a:b]).abs().max() <= 0.02 * alone.abs().max()
+            t += 1
+    assert t >= 2
+
+
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.GRADIENT_INIT])
 def test_init_offload_equals_on_device(name):
     """--init_offload: the init gradients of a GPU model accumulated in fp32 on the CPU equal those accumulated on

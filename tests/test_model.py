@@ -157,6 +157,19 @@ def test_packed_rows_equal_separate_examples():
     assert (packed - sep).abs().max() < 1e-5
 
 
+def test_doc_bounds_are_the_examples_offsets():
+    """The GPU's packed-row attention takes where each example starts in the flattened rows (FlashAttention's
+    cu_seqlens): a fixed number of offsets, the unused ones B*T; more examples than its bound is an error, not a
+    silent merge of two examples."""
+    from model import EXAMPLE_TOKENS, doc_bounds
+    T = 2 * EXAMPLE_TOKENS
+    pos = torch.stack([torch.cat([torch.arange(40), torch.arange(T - 40)]), torch.arange(T)])  # (2, T)
+    cu = doc_bounds(pos)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 40, T] + [2 * T] * (2 * 2 - 2)
+    with pytest.raises(RuntimeError, match="more examples in a packed row"):
+        doc_bounds(torch.arange(4).repeat(1, T // 4))  # 16 examples in a row of 2 * EXAMPLE_TOKENS
+
+
 @pytest.mark.parametrize("W_grad", [False, True])
 def test_chunked_cross_entropy_matches_reference(W_grad):
     g = torch.Generator().manual_seed(0)

@@ -11,19 +11,21 @@ import lora
 import step
 from cli import UserError
 from conftest import script
-from model import Llama, ModelConfig
+from model import EXAMPLE_TOKENS, Llama, ModelConfig
 
 train = script("train")  # train.py is a script: its main() is run, never imported
 
 
 def test_static_pack_keeps_examples_and_fixes_the_shape():
-    seqs = [([1] + [5 + i] * (3 + i) + [2], 2) for i in range(7)]  # (ids, n_prompt)
-    x, y, pos = data.pack(seqs, 16, 0)
-    xs, ys, ps = data.pack(seqs, 16, 0, static=True)
-    assert xs.shape == (-(-x.shape[0] // 4) * 4, 16)
+    seqs = [([1] + [5 + i] * (30 + 9 * i) + [2], 2) for i in range(9)]  # (ids, n_prompt)
+    x, y, pos = data.pack(seqs, 128, 0)
+    xs, ys, ps = data.pack(seqs, 128, 0, static=True)
+    assert xs.shape == (-(-x.shape[0] // 4) * 4, 128) and x.shape[0] < len(seqs) and xs.shape[0] > x.shape[0]
     assert torch.equal(xs[:, :x.shape[1]][:x.shape[0]], x) and torch.equal(ys[:x.shape[0], :x.shape[1]], y)
     assert (ys[x.shape[0]:] == -100).all() and (ys[:, x.shape[1]:] == -100).all()  # padding never has a target
-    assert (ps[:, x.shape[1]:] == 0).all()  # each padding slot is its own one-token example
+    # pos restarts only where an example starts (padding goes on from the last one; an empty row is one example)
+    assert int((ps == 0).sum()) == len(seqs) + xs.shape[0] - x.shape[0]
+    assert ((ps == 0).sum(1) <= 128 // EXAMPLE_TOKENS).all()  # the bound of the GPU's attention (model.doc_bounds)
     cfg = ModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64)
     model = Llama(cfg).init_weights()
     xs, x = xs % 32, x % 32
@@ -34,7 +36,7 @@ def test_make_step_is_the_mean_loss_step():
     """make_step over two micro-batches == one AdamW step on the mean target-token loss of all examples."""
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64)
     g = torch.Generator().manual_seed(0)
-    seqs = [(torch.randint(3, 64, (n,), generator=g).tolist(), p) for n, p in ((9, 3), (14, 5), (6, 2), (11, 4))]
+    seqs = [(torch.randint(3, 64, (n,), generator=g).tolist(), p) for n, p in ((39, 3), (54, 5), (36, 2), (41, 4))]
     models = []
     for _ in range(2):
         m = Llama(cfg).init_weights(seed=1)
@@ -47,12 +49,12 @@ def test_make_step_is_the_mean_loss_step():
     m = models[0]
     params = [p for p in m.parameters() if p.requires_grad]
     opt = step.make_optimizer(params, tcfg, torch.device("cpu"))
-    batches, n_tgt, _ = data.micro_batches(seqs, [0, 1, 2, 3], 2, 32, 0)
+    batches, n_tgt, _ = data.micro_batches(seqs, [0, 1, 2, 3], 2, 128, 0)
     loss, norm = step.make_step(m, opt, params, 1e9)(batches, n_tgt)
     ref = models[1]
     rparams = [p for p in ref.parameters() if p.requires_grad]
     ropt = torch.optim.AdamW(rparams, lr=1e-2)
-    x, y, pos = data.pack(seqs, 64, 0)  # every example in one row: the plain mean over all targets
+    x, y, pos = data.pack(seqs, 192, 0)  # every example in one row: the plain mean over all targets
     rloss = ref(x, y, pos)[1]
     rloss.backward()
     rnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in rparams]))

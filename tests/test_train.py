@@ -172,12 +172,12 @@ def test_gsm8k_target_and_prompt_masking(tiny_dir):
 def test_packed_loss_equals_unpacked():
     model = tiny()
     g = torch.Generator().manual_seed(0)
-    seqs = [(torch.randint(3, 128, (n,), generator=g).tolist(), p) for n, p in ((20, 6), (9, 3), (31, 10), (5, 2))]
-    x, y, pos = data.pack(seqs, 40, 0)
+    seqs = [(torch.randint(3, 128, (n,), generator=g).tolist(), p) for n, p in ((60, 6), (39, 3), (71, 10), (35, 2))]
+    x, y, pos = data.pack(seqs, 110, 0)
     assert x.shape[0] < len(seqs)  # several examples share a row
     total, count = 0.0, 0
     for ids, p in seqs:
-        xs, ys, _ = data.pack([(ids, p)], 40, 0)
+        xs, ys, _ = data.pack([(ids, p)], 110, 0)
         n = int((ys != -100).sum())
         total, count = total + model(xs, ys)[1].item() * n, count + n
     assert abs(model(x, y, pos)[1].item() - total / count) < 1e-5

@@ -1,8 +1,10 @@
 """GPU time (forward + backward) of the attention of one training step on real packed GSM8K rows (16 examples, max_len
 512, SmolLM2-135M's 9 query / 3 key-value heads of 64), per layer, by how the per-example (document) mask is done:
-SDPA with a dense boolean mask (train.py's path), varlen flash attention over the examples laid end to end (no
-mask, no padding), FlexAttention with a block mask, and plain causal SDPA over the whole row (bench.py's synthetic
-rows: a lower bound that ignores example boundaries).
+SDPA with a dense boolean mask (train.py's path on a CPU, and on the GPU before model.FlashVarlen), model.py's
+FlashVarlen (train.py's GPU path: aten's varlen FlashAttention with doc_bounds's fixed number K of boundaries; also
+at other K, to show what the unused empty examples cost), torch's varlen_attn wrapper, FlexAttention with a block
+mask, and plain causal SDPA over the whole row (bench.py's synthetic rows: a lower bound that ignores example
+boundaries).
 
     python tools/attn_cost.py OUT.json MODEL_DIR GSM8K_TRAIN.jsonl
 """
@@ -54,7 +56,7 @@ def main():
     def dense():
         kk, vv = (t.repeat_interleave(nh // nkv, dim=1) for t in (kb, vb))
         F.scaled_dot_product_attention(qb, kk, vv, attn_mask=mask).backward(go)
-    res["sdpa dense mask (now)"] = timed(dense)
+    res["sdpa dense mask"] = timed(dense)
 
     def causal():
         F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True).backward(go)
@@ -84,6 +86,21 @@ def main():
     except Exception as e:
         res["varlen flash (examples end to end)"] = f"{type(e).__name__}: {str(e)[:200]}"
 
+    from model import FlashVarlen, doc_bounds
+    qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
+    gf = go.transpose(1, 2).reshape(B * T, nh, hd).contiguous()
+    docs = int((pos == 0).sum())
+    res["examples (incl. empty rows)"] = docs
+    res["ours: FlashVarlen, K from doc_bounds"] = [doc_bounds(pos).numel() - 1,
+                                                   timed(lambda: FlashVarlen.apply(qf, kf, vf, doc_bounds(pos), T).backward(gf))]
+    for K in (docs, B * T // 8, B * T):
+        cu_k = torch.nonzero_static(pos.flatten() == 0, size=K + 1, fill_value=B * T).flatten().int()
+        res[f"ours: FlashVarlen, K = {K}"] = timed(lambda: FlashVarlen.apply(qf, kf, vf, cu_k, T).backward(gf))
+    kk, vv = (t.repeat_interleave(nh // nkv, dim=1) for t in (kb, vb))
+    o1 = FlashVarlen.apply(q, k, v, doc_bounds(pos), T)  # (B*T, nh, hd)
+    o2 = F.scaled_dot_product_attention(qb, kk, vv, attn_mask=mask).transpose(1, 2).reshape(B * T, nh, hd)
+    real = (y.flatten() != -100).cuda()  # the tokens the loss reads (padding's outputs differ and are never read)
+    res["ours max abs diff vs dense mask, target tokens"] = float((o1 - o2)[real].abs().max())
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         docf = doc
