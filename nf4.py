@@ -37,21 +37,30 @@ def nf4_values():
 
 
 NF4 = nf4_values()
+_TABLES = {}
+
+
+def table(device):
+    """NF4 on `device`, copied there once: a copy from the CPU cannot happen inside a CUDA graph's capture (the
+    warm-up before it makes the copy)."""
+    if device not in _TABLES:
+        _TABLES[device] = NF4.to(device)
+    return _TABLES[device]
 
 
 def quantize(w):
     """(packed codes (n/2,) uint8, absmax (n/64,) fp32) of a weight whose size is a multiple of 64."""
     blocks = w.detach().float().reshape(-1, BLOCK)  # (n/64, 64)
     absmax = blocks.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero block stays zero
-    table = NF4.to(w.device)
-    mid = (table[1:] + table[:-1]) / 2  # (15,): the boundaries between neighbouring codes
+    values = table(w.device)
+    mid = (values[1:] + values[:-1]) / 2  # (15,): the boundaries between neighbouring codes
     codes = torch.bucketize(blocks / absmax[:, None], mid).to(torch.uint8).flatten()  # (n,) in 0..15
     return codes[0::2] << 4 | codes[1::2], absmax
 
 
 def dequantize(packed, absmax, shape, dtype):
     codes = torch.stack([packed >> 4, packed & 15], -1).flatten().int()  # (n,)
-    w = NF4.to(packed.device)[codes].view(-1, BLOCK) * absmax[:, None]  # (n/64, 64) fp32
+    w = table(packed.device)[codes].view(-1, BLOCK) * absmax[:, None]  # (n/64, 64) fp32
     return w.view(shape).to(dtype)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import data
+import nf4
 import step
 from model import Llama, ModelConfig, generate
 from runs import METHODS
@@ -26,10 +27,14 @@ STEPS = 6
 DEV = torch.device("cuda")
 
 
-def build(name, seed=0):
-    """The tiny model in bf16 on the GPU, the method applied (a fixed random init gradient where it needs one)."""
+def build(name, seed=0, bits=16):
+    """The tiny model in bf16 on the GPU (bits=4: its blocks' linear weights in NF4, as --base_bits 4), the method
+    applied (a fixed random init gradient where it needs one)."""
     dev = DEV
     model = Llama(CFG).init_weights(seed=seed).to(dev, torch.bfloat16).requires_grad_(False)
+    for n, p in list(model.named_parameters()):
+        if bits == 4 and nf4.is_quantized(n):
+            model.get_submodule(n.rsplit(".", 1)[0]).weight = nf4.quantize_weight(p.data, torch.bfloat16)
     method, mcfg = METHODS[name], METHODS[name].Config(**SMALL[name])
     grads = None
     if method.GRADIENT_INIT:
@@ -50,10 +55,10 @@ def examples(n=32, seed=0):
     return out
 
 
-def train(name, graphed, compiled=False):
+def train(name, graphed, compiled=False, bits=16):
     """STEPS steps of train.py's loop (static packed shapes, as with --cuda_graph): (losses, trainable tensors)."""
     torch.manual_seed(0)
-    method, mcfg, model = build(name)
+    method, mcfg, model = build(name, bits=bits)
     if compiled:
         torch._dynamo.reset()
         model.compile()
@@ -74,17 +79,17 @@ def train(name, graphed, compiled=False):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, model
 
 
-def start(name):
-    return {n: p.detach().clone() for n, p in build(name)[2].named_parameters() if p.requires_grad}
+def start(name, bits=16):
+    return {n: p.detach().clone() for n, p in build(name, bits=bits)[2].named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.CUDA_GRAPH])
-def test_cuda_graph_step_equals_eager(name):
+@pytest.mark.parametrize("name,bits", [(n, 16) for n, m in METHODS.items() if m.CUDA_GRAPH] + [("lora", 4), ("sb", 4)])
+def test_cuda_graph_step_equals_eager(name, bits):
     """The graph replays the eager step's kernels: the same losses and the same weights after STEPS steps, to well
-    under one Adam step (each moves an entry by about lr)."""
-    l_eager, p_eager, _ = train(name, graphed=False)
-    l_graph, p_graph, _ = train(name, graphed=True)
-    p0 = start(name)
+    under one Adam step (each moves an entry by about lr). Also on a 4-bit base (--base_bits 4)."""
+    l_eager, p_eager, _ = train(name, graphed=False, bits=bits)
+    l_graph, p_graph, _ = train(name, graphed=True, bits=bits)
+    p0 = start(name, bits)
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(l_eager, l_graph)), (l_eager, l_graph)
     for n in p_eager:
         moved = (p_eager[n] - p0[n]).abs().max().item()
