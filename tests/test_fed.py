@@ -263,23 +263,37 @@ def test_accountant_pinned_values_and_sigma_search():
         assert fed.dp_epsilon(sigma * 0.99, 0.04, 500, 1e-5) > eps
 
 
-def test_per_example_grads_clipping_and_noise():
-    model = adapted("sb")
+@pytest.mark.parametrize("method", ["sb", "fedit", "ffa", "fedex"])
+def test_per_example_grads_clipping_and_noise(method):
+    """Rows of different lengths, right-padded (pad tokens, -100 targets) in one micro-batch: each row's gradient
+    equals the autograd gradient of that row alone and unpadded, and the clipped sum is the sum of those gradients
+    each clipped to C (some rows are clipped, some not)."""
+    model = adapted(method)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the init (LoRA's B = 0 would zero A's gradient), FedEx's residual nonzero
+        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.requires_grad or n.endswith("fedex_residual"):
+                t.normal_(0, 0.05, generator=g)
     params = fed.trainable(model)
-    x = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    lengths = [12, 7, 10, 5]
+    x = torch.randint(0, 128, (4, 12), generator=g)
     y = x.roll(-1, 1)
-    y[:, :4] = -100
-    g = fed.per_example_grads(model, params, x, y)
-    for i in range(3):  # each row against its own autograd gradient
-        loss = model(x[i:i + 1], y[i:i + 1])[1]
-        ref = torch.autograd.grad(loss, list(params.values()))
-        assert all(torch.allclose(g[n][i], r, atol=1e-5) for n, r in zip(params, ref))
-    C = 1e-3
-    for i in range(3):
-        one = fed.clip_per_example({n: v[i:i + 1] for n, v in g.items()}, C)
+    y[:, :3] = -100  # the prompt
+    for i, n in enumerate(lengths):
+        x[i, n:], y[i, n - 1:] = 0, -100  # padding
+    pe = fed.per_example_grads(model, params, x, y)
+    ref = [torch.autograd.grad(model(x[i:i + 1, :n], y[i:i + 1, :n])[1], list(params.values()))
+           for i, n in enumerate(lengths)]  # each row alone
+    for i in range(4):
+        assert all(torch.allclose(pe[k][i], r, rtol=1e-4, atol=1e-6) for k, r in zip(params, ref[i])), (method, i)
+    norms = [torch.sqrt(sum(r.pow(2).sum() for r in row)) for row in ref]
+    C = sorted(norms)[1] * 1.01  # between the norms: the two smallest rows pass unclipped
+    want = [sum(min(1.0, C / (nrm + 1e-6)) * row[j] for row, nrm in zip(ref, norms)) for j in range(len(params))]
+    got = fed.clip_per_example(pe, C)
+    assert all(torch.allclose(got[k], w, rtol=1e-4, atol=1e-6) for k, w in zip(params, want))
+    for i in range(4):
+        one = fed.clip_per_example({n: v[i:i + 1] for n, v in pe.items()}, C)
         assert torch.sqrt(sum(v.pow(2).sum() for v in one.values())) <= C * (1 + 1e-5)
-    big = fed.clip_per_example(g, 1e6)  # below the clip nothing changes
-    assert all(torch.allclose(big[n], g[n].sum(0), atol=1e-6) for n in g)
     zeros = {"w": torch.zeros(200_000)}
     noisy = fed.noisy_mean(zeros, sigma=1.5, C=0.1, expected_batch=8, gen=torch.Generator().manual_seed(0))
     assert noisy["w"].std().item() == pytest.approx(1.5 * 0.1 / 8, rel=0.02)

@@ -138,7 +138,7 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     assert all(r["acc"] is not None and r["lr"] == results.chosen_lr(r["name"], str(rec)) for r in seeds)
     assert all(r["train_curve"][-1][0] == 2 for r in seeds)  # the logged training loss too (claim 3: the fit)
     text = open(rec / "RESULTS.md").read()
-    assert "| lora |" in text and " +- " in text and "Verdicts" in text and "LoRA-GA converges" in text
+    assert "| lora |" in text and " +- " in text and "Verdicts" in text and "converges 2-4x faster than LoRA (r4)" in text
     assert "diverged (stopped by train.py)" in text and "(chosen" in text
     import shutil
     first = sorted(os.listdir(rec / "seeds"))[0]
