@@ -323,7 +323,7 @@ def report(results_dir, path):
              "sweep over each "
              "method's default lr times the factors of `--lr_factors`, seed 0, scored on the held-out loss only (never "
              "the test set); the lowest wins. Then `--seeds` at that lr (1, 2 and 3: fresh seeds, not the sweep's "
-             "seed 0 that chose it), scored on the held-out loss and on GSM8K test (eval.py's protocol). Sizes are "
+             "seed 0 that chose it; a rank or block-size variant not swept itself runs at its method's chosen lr), scored on the held-out loss and on GSM8K test (eval.py's protocol). Sizes are "
              "each method's default: LoRA r16, LoRA-XS and LoRA-SB r64 (R is 64 x 64), LoRA-GA r8, Bone and DyLoRA "
              "as their files set them. A verdict compares held-out losses by Welch's t; it is decisive at the two-sided "
              "95% point of Student's t for the seeds' degrees of freedom (4.30 for 3 seeds per side), else "
@@ -372,14 +372,16 @@ def report(results_dir, path):
                      f"({ms:.4f} vs {mf:.4f}), LoRA r16's {ml - mf:+.4f}; with "
                      f"{by['full'][0]['trainable'] / by['sb'][0]['trainable']:.0f}x fewer trainable parameters than "
                      f"full and {by['lora'][0]['trainable'] / by['sb'][0]['trainable']:.1f}x fewer than LoRA r16")
-    if "ga" in by and "lora" in by:  # claim 2: the steps LoRA-GA needs to reach LoRA's final held-out loss
-        target = mean_std(loss["lora"])[0]
+    for ref in ("lora-r8", "lora"):  # claim 2: the steps LoRA-GA needs to reach LoRA's final held-out loss
+        if "ga" not in by or ref not in by:  # (the paper compares at equal rank: LoRA r8 where it has run)
+            continue
+        target = mean_std(loss[ref])[0]
         reach = [next((s for s, v in r["curve"] if v <= target), None) for r in by["ga"]]
-        lora_steps = by["lora"][0]["steps"]
+        lora_steps = by[ref][0]["steps"]
         got = [s for s in reach if s is not None]
         pace = lora_steps / mean_std(got)[0] if len(got) == len(reach) else None
         word = ("holds" if 2 <= pace else "does not hold") if pace else "does not hold" if not got else "inconclusive"
-        lines.append(f"- LoRA-GA (r{by['ga'][0]['rank']}) converges 2-4x faster than LoRA (r{by['lora'][0]['rank']}): "
+        lines.append(f"- LoRA-GA (r{by['ga'][0]['rank']}) converges 2-4x faster than LoRA (r{by[ref][0]['rank']}): "
                      f"**{word}**: the steps it needs to reach LoRA's final held-out loss ({target:.4f} after "
                      f"{lora_steps} steps), per seed: {reach}" + (f"; {pace:.2f}x LoRA's pace" if pace else "") +
                      " (curves are evaluated every 25 steps, so this resolves 25 steps)")
@@ -539,7 +541,8 @@ def main(argv=None):
             if args.stage == "sweep":
                 sweep(n, runs.METHODS[RUNS[n][1]].DEFAULT_LR, factors, args, extra)
                 continue
-            lr = chosen_lr(n, args.results_dir)
+            # a variant (another rank or block size, RUNS beyond MAIN) not swept itself takes its method's lr
+            lr = chosen_lr(n, args.results_dir) or (chosen_lr(RUNS[n][1], args.results_dir) if n not in MAIN else None)
             if lr is None:
                 raise UserError(f"no sweep records of {n} in {args.results_dir}/sweep: run --stage sweep first")
             for s in seeds:

@@ -111,6 +111,17 @@ def gsm_file(tmp_path_factory):
 # the test itself collects the result after the other tests, so their work fills that waiting. Tests of a module
 # with `ALONE = True` (tests/test_dist.py: processes that wait on each other in collectives, which crawl when other
 # processes take their cores) run after it, when the background work is over.
+@pytest.fixture(autouse=True)
+def short_generation(monkeypatch):
+    """At most 16 new tokens per problem wherever a test scores GSM8K (train.py's final score, results.py's DyLoRA
+    ranks): the tests' tiny random models never stop by themselves, so the default 256 would be 256 decode steps of
+    pure cost (about 1 s a call on 2 cores). Tests of generation itself pass smaller values, which stand."""
+    import eval as ev
+    real = ev.run_eval
+    monkeypatch.setattr(ev, "run_eval", lambda model, tok, rows, template, suffix, batch_size, max_new_tokens, **k:
+                        real(model, tok, rows, template, suffix, batch_size, min(max_new_tokens, 16), **k))
+
+
 def background_of(item):
     return getattr(getattr(item, "function", None), "background", None)
 

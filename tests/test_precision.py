@@ -7,7 +7,8 @@ inputs, y = x M^T, and the change of M over the steps is compared with the exact
 bf16 output of a layer is rounded anyway: that rounding varies from token to token, so it is noise that least
 squares averages out. It sets the estimator's floor, which we measure on the ideal forward, the exact weight applied
 in fp64 and its output rounded once to bf16. A forward passes if its error is within 1.5x that floor + 0.01;
-the floor itself is kept below 0.05 (N = 2^17 inputs, 10 steps), so the test can resolve a loss of a few percent.
+the floor itself is kept below 0.05 (N = 2^17 inputs, or 2^16 for a method whose update is larger; 10 steps), so
+the test can resolve a loss of a few percent.
 What fails is a systematic loss: an update rounded into a bf16 weight (the same error for every token), or a small
 adapter output added to a bf16 output that is already a bf16 number (y0 + d rounds back to y0 wherever |d| is below
 half an ulp). Before the fix, Bone's guided form lost 84% of its update, the shared form 38%, LoRA-GA 119% (its
@@ -34,6 +35,8 @@ CASES = {  # name: (method, Config overrides): small ranks for the tiny model's 
     "bone-shared": ("bone", dict(block_size=16, bone_variant="shared")),
 }
 N, STEPS = 2 ** 17, 10
+SMALL_UPDATE = ("ga", "bone")  # their default lr (2e-5) moves the weight least: they need all N rows to resolve it;
+# the others resolve theirs to a floor of 0.011 or less with half (measured), which is what they get (CPU time)
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")  # 64 x 64 and 64 x 96
 
 
@@ -65,7 +68,8 @@ def forward_bf16(layer, X):
 def test_bf16_policy_keeps_the_update(name):
     method, model, W0 = bf16_model_with(name)
     g = torch.Generator().manual_seed(0)
-    X = {n: torch.randn(N, model.get_submodule(n).in_features, generator=g).bfloat16() for n in LAYERS}
+    rows = N if CASES[name][0] in SMALL_UPDATE else N // 2
+    X = {n: torch.randn(rows, model.get_submodule(n).in_features, generator=g).bfloat16() for n in LAYERS}
     XtX_inv = {n: torch.linalg.inv(x.double().T @ x.double()) for n, x in X.items()}  # (d_in, d_in)
 
     def lsq(n, dY):  # the weight change M (d_out, d_in) whose x M^T best explains the output change dY (N, d_out)
