@@ -6,7 +6,10 @@ DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Fr
 
 - A (r, d_in) Kaiming-uniform and B (d_out, r) zeros, both trained, as in LoRA; max rank r (default 16).
 - Every optimizer step samples one b ~ Uniform{1..r}, the same for all layers (on_step). It is a function of
-  (seed, step), so a resumed run, or every process of a data-parallel run, draws the same b.
+  (seed, step), so a resumed run, or every process of a data-parallel run, draws the same b. In training, b enters
+  the forward as masks over the r components (kept: the first b; trained: the b-th, or all kept ones in non-frozen
+  mode) and the scale alpha / b, held in one small device tensor that on_step overwrites in place: the shapes never
+  change, so a step's kernels are the same at every b (what a CUDA graph needs), and the values are eq. 7's.
 - "frozen" mode (the official default): components 1..b-1 are detached, so only row b of A and column b of B
   get gradient at that step; `dylora_frozen=false` gives every component <= b its gradient. Under AdamW (ours and
   the official code's) "only the b-th trains" holds for the gradient, not the update: components that got a
@@ -28,7 +31,7 @@ from model import adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-4  # as LoRA's
-CUDA_GRAPH = False  # the trained rank (a slice size) changes every step, so train.py runs it without a CUDA graph
+CUDA_GRAPH = False  # the step's shapes no longer change with b (masks), but the graphed step awaits its GPU test
 GRADIENT_INIT = False  # apply() needs no gradients
 NESTED_RANKS = True  # one adapter usable at every rank 1..r (Config.eval_rank picks one)
 
@@ -49,7 +52,7 @@ def sample_rank(cfg: Config, step):
 
 
 class Linear(nn.Linear):
-    def __init__(self, base: nn.Linear, cfg: Config, gen: torch.Generator):
+    def __init__(self, base: nn.Linear, cfg: Config, gen: torch.Generator, state: torch.Tensor):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the frozen base Parameters themselves
@@ -65,17 +68,19 @@ class Linear(nn.Linear):
         self.alpha, self.frozen = cfg.alpha, cfg.dylora_frozen
         self.train_rank = r  # set by on_step
         self.eval_rank = cfg.eval_rank or r
+        self.state = state  # (2r + 1,) shared by every layer: keep mask, train mask, scale (set_train_rank)
 
-    def factors(self, b, detach_below=False):
-        A, B = self.lora_A[:b], self.lora_B[:, :b]  # (b, d_in), (d_out, b)
-        if detach_below and b > 1:  # frozen mode: components 1..b-1 get no gradient
-            A = torch.cat([A[:b - 1].detach(), A[b - 1:]], 0)
-            B = torch.cat([B[:, :b - 1].detach(), B[:, b - 1:]], 1)
-        return A, B, self.alpha / b
+    def factors(self, b):
+        return self.lora_A[:b], self.lora_B[:, :b], self.alpha / b  # (b, d_in), (d_out, b), scale
 
     def forward(self, x):
-        b = self.train_rank if self.training else self.eval_rank
-        A, B, s = self.factors(b, detach_below=self.training and self.frozen)
+        if not self.training:  # a fixed rank: the slices themselves
+            A, B, s = self.factors(self.eval_rank)
+        else:  # this step's b as masks (set_train_rank): components >= b are zero, the kept untrained ones detached
+            r = self.lora_A.shape[0]
+            keep, train, s = self.state[:r], self.state[r:2 * r], self.state[2 * r]  # (r,), (r,), ()
+            A = self.lora_A * train[:, None] + (self.lora_A * (keep - train)[:, None]).detach()  # (r, d_in)
+            B = self.lora_B * train + (self.lora_B * (keep - train)).detach()  # (d_out, r)
         return adapted_linear(x, self.weight, self.bias, s * F.linear(F.linear(x, A), B))  # added inside the GEMM
 
     def merged_weight(self):
@@ -95,16 +100,29 @@ def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
                         f"{cfg.eval_rank}")
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
-    return swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, gen).train(lin.training))
+    state = torch.zeros(2 * cfg.rank + 1, device=next(model.parameters()).device)  # the masks of set_train_rank
+    swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, gen, state).train(lin.training))
+    set_train_rank(model, cfg, cfg.rank)
+    return model
+
+
+def set_train_rank(model, cfg, b):
+    """Train at rank b from the next forward on: the masks and scale of every layer, written in place."""
+    r = cfg.rank
+    keep = (torch.arange(r) < b).float()  # (r,): components 1..b
+    train = (torch.arange(r) == b - 1).float() if cfg.dylora_frozen else keep  # (r,): those that get a gradient
+    host = torch.cat([keep, train, torch.tensor([cfg.alpha / b])])  # (2r + 1,)
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    for state in {id(m.state): m.state for m in layers}.values():  # one tensor, shared by every layer
+        state.copy_(host)
+    for m in layers:
+        m.train_rank = b
+    return b
 
 
 def on_step(model, cfg, step):
     """Sample this step's rank, the same for every layer."""
-    b = sample_rank(cfg, step)
-    for m in model.modules():
-        if isinstance(m, Linear):
-            m.train_rank = b
-    return b
+    return set_train_rank(model, cfg, sample_rank(cfg, step))
 
 
 ADAPTER_KEYS = ("lora_A", "lora_B")

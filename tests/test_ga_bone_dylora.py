@@ -225,17 +225,31 @@ def test_dylora_at_rank_b_is_a_plain_lora():
 
 @pytest.mark.parametrize("frozen", [True, False])
 def test_dylora_gradients_reach_the_right_components(frozen):
+    """Training at rank b (the masks set_train_rank writes, the shapes the same at every b) against eq. 7 written
+    with slices, at every b: the same output, and the gradient of exactly the components the mode trains, with the
+    slices' values (frozen: only the b-th; non-frozen: all of 1..b)."""
     model = tiny().train()
-    dylora.apply(model, dylora.Config(rank=6, dylora_frozen=frozen))
+    cfg = dylora.Config(rank=6, alpha=12.0, dylora_frozen=frozen)
+    dylora.apply(model, cfg)
     layer = model.model.layers[1].mlp.down_proj
     with torch.no_grad():
         layer.lora_B.normal_()
-    layer.train_rank = 4
-    layer(torch.randn(5, 96)).pow(2).sum().backward()
-    gA, gB = layer.lora_A.grad.abs().sum(1), layer.lora_B.grad.abs().sum(0)  # per component
-    got = (gA > 0).tolist(), (gB > 0).tolist()
-    want = [(not frozen or k == 3) and k < 4 for k in range(6)]
-    assert got == (want, want)
+    x = torch.randn(5, 96)
+    for b in range(1, 7):
+        dylora.set_train_rank(model, cfg, b)
+        layer.lora_A.grad = layer.lora_B.grad = None
+        y = layer(x)
+        y.pow(2).sum().backward()
+        A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+        ref = F.linear(x, layer.weight) + (12.0 / b) * x @ A[:b].T @ B[:, :b].T  # eq. 7
+        ref.pow(2).sum().backward()
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
+        trained = [(not frozen or k == b - 1) and k < b for k in range(6)]
+        gA, gB = layer.lora_A.grad.abs().sum(1), layer.lora_B.grad.abs().sum(0)  # per component
+        assert ((gA > 0).tolist(), (gB > 0).tolist()) == (trained, trained), b
+        t = torch.tensor(trained)
+        for got, want in ((layer.lora_A.grad[t], A.grad[t]), (layer.lora_B.grad[:, t], B.grad[:, t])):
+            assert (got - want).norm() <= 1e-5 * want.norm(), b  # fp32 sums of large terms in another order
 
 
 def test_dylora_rank_sampling_uniform_and_reproducible():

@@ -230,3 +230,21 @@ def test_verdict_statistics():
     assert "**does not hold**" in results.verdict([2.0, 2.01, 1.99], [1.0, 1.01, 0.99], "a < b")
     assert "**inconclusive**" in results.verdict([1.0, 1.2, 0.8], [1.1, 1.3, 0.9], "a < b")  # t = 0.61
     assert results.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+
+
+def test_seeds_of_a_variant_take_its_methods_lr(tmp_path, monkeypatch):
+    """--stage seeds: a variant (lora-r8) without sweep records of its own runs at its method's chosen lr; one with
+    its own records at its own; a name with neither (xs-r16: no xs sweep) is one clear error."""
+    results = script("results")
+    for name, lr, loss in (("lora", 1e-3, 0.9), ("lora", 4e-3, 0.8), ("lora-r4", 1e-2, 0.7), ("lora-r4", 1e-3, 0.95)):
+        os.makedirs(tmp_path / "sweep", exist_ok=True)
+        json.dump(dict(name=name, lr=lr, val_loss=loss), open(tmp_path / "sweep" / f"{name}_lr{lr:g}_s0.json", "w"))
+    ran = []
+    monkeypatch.setitem(results.main.__globals__, "evidence_run", lambda stage, n, lr, seed, *a: ran.append((n, lr)))
+    monkeypatch.setitem(results.main.__globals__, "report", lambda *a: "")
+    common = ["--stage", "seeds", "--model", "M", "--data", "d", "--test_data", "t", "--results_dir", str(tmp_path),
+              "--out_dir", str(tmp_path / "runs"), "--seeds", "1"]
+    results.main(common + ["--methods", "lora-r8,lora-r4,lora"])
+    assert ran == [("lora-r8", 4e-3), ("lora-r4", 1e-2), ("lora", 4e-3)]
+    with pytest.raises(UserError, match="no sweep records of xs-r16"):
+        results.main(common + ["--methods", "xs-r16"])
