@@ -8,8 +8,9 @@ DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Fr
 - Every optimizer step samples one b ~ Uniform{1..r}, the same for all layers (on_step). It is a function of
   (seed, step), so a resumed run, or every process of a data-parallel run, draws the same b. In training, b enters
   the forward as masks over the r components (kept: the first b; trained: the b-th, or all kept ones in non-frozen
-  mode) and the scale alpha / b, held in one small device tensor that on_step overwrites in place: the shapes never
-  change, so a step's kernels are the same at every b (what a CUDA graph needs), and the values are eq. 7's.
+  mode), alpha / b folded into B's (fp32, so the scale is never rounded to bf16), in one small device tensor that
+  on_step overwrites in place from a device table (no host transfer, no wait): the shapes never change, so a step's
+  kernels are the same at every b (what a CUDA graph needs), and the values are eq. 7's.
 - "frozen" mode (the official default): components 1..b-1 are detached, so only row b of A and column b of B
   get gradient at that step; `dylora_frozen=false` gives every component <= b its gradient. Under AdamW (ours and
   the official code's) "only the b-th trains" holds for the gradient, not the update: components that got a
@@ -52,7 +53,7 @@ def sample_rank(cfg: Config, step):
 
 
 class Linear(nn.Linear):
-    def __init__(self, base: nn.Linear, cfg: Config, gen: torch.Generator, state: torch.Tensor):
+    def __init__(self, base: nn.Linear, cfg: Config, gen: torch.Generator, masks, table):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the frozen base Parameters themselves
@@ -65,10 +66,11 @@ class Linear(nn.Linear):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
         self.lora_A = nn.Parameter(A.to(dev))  # (r, d_in), fp32
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))  # (d_out, r), fp32
-        self.alpha, self.frozen = cfg.alpha, cfg.dylora_frozen
-        self.train_rank = r  # set by on_step
+        self.alpha = cfg.alpha
         self.eval_rank = cfg.eval_rank or r
-        self.state = state  # (2r + 1,) shared by every layer: keep mask, train mask, scale (set_train_rank)
+        # shared by every layer, plain attributes (not buffers: .to(dtype) would round them; the model is not moved
+        # after apply): this step's masks (4, r) and every rank's, (r, 4, r) (mask_table)
+        self.masks, self.table = masks, table
 
     def factors(self, b):
         return self.lora_A[:b], self.lora_B[:, :b], self.alpha / b  # (b, d_in), (d_out, b), scale
@@ -76,12 +78,12 @@ class Linear(nn.Linear):
     def forward(self, x):
         if not self.training:  # a fixed rank: the slices themselves
             A, B, s = self.factors(self.eval_rank)
-        else:  # this step's b as masks (set_train_rank): components >= b are zero, the kept untrained ones detached
-            r = self.lora_A.shape[0]
-            keep, train, s = self.state[:r], self.state[r:2 * r], self.state[2 * r]  # (r,), (r,), ()
-            A = self.lora_A * train[:, None] + (self.lora_A * (keep - train)[:, None]).detach()  # (r, d_in)
-            B = self.lora_B * train + (self.lora_B * (keep - train)).detach()  # (d_out, r)
-        return adapted_linear(x, self.weight, self.bias, s * F.linear(F.linear(x, A), B))  # added inside the GEMM
+            return adapted_linear(x, self.weight, self.bias, s * F.linear(F.linear(x, A), B))  # inside the GEMM
+        # this step's b as masks (set_train_rank): components > b are zero, the kept untrained ones detached
+        tA, fA, tB, fB = self.masks  # (r,) each; B's carry alpha / b
+        A = self.lora_A * tA[:, None] + (self.lora_A * fA[:, None]).detach()  # (r, d_in)
+        B = self.lora_B * tB + (self.lora_B * fB).detach()  # (d_out, r), scaled
+        return adapted_linear(x, self.weight, self.bias, F.linear(F.linear(x, A), B))  # added inside the GEMM
 
     def merged_weight(self):
         A, B, s = self.factors(self.eval_rank)
@@ -100,29 +102,35 @@ def apply(model, cfg: Config, grads=None, init=True, first_lr=0.0):
                         f"{cfg.eval_rank}")
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
-    state = torch.zeros(2 * cfg.rank + 1, device=next(model.parameters()).device)  # the masks of set_train_rank
-    swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, gen, state).train(lin.training))
-    set_train_rank(model, cfg, cfg.rank)
+    table = mask_table(cfg).to(next(model.parameters()).device)  # (r, 4, r)
+    masks = table[-1].clone()  # (4, r): rank r until on_step
+    swap_linears(model, cfg.targets, lambda name, lin: Linear(lin, cfg, gen, masks, table).train(lin.training))
     return model
 
 
-def set_train_rank(model, cfg, b):
-    """Train at rank b from the next forward on: the masks and scale of every layer, written in place."""
-    r = cfg.rank
-    keep = (torch.arange(r) < b).float()  # (r,): components 1..b
-    train = (torch.arange(r) == b - 1).float() if cfg.dylora_frozen else keep  # (r,): those that get a gradient
-    host = torch.cat([keep, train, torch.tensor([cfg.alpha / b])])  # (2r + 1,)
+def mask_table(cfg: Config):
+    """(r, 4, r): for each rank b, A's trained and frozen masks, then B's times alpha / b. Kept: components 1..b;
+    trained: the b-th (frozen mode) or all kept ones."""
+    r, rows = cfg.rank, []
+    for b in range(1, r + 1):
+        keep = (torch.arange(r) < b).float()  # (r,)
+        train = (torch.arange(r) == b - 1).float() if cfg.dylora_frozen else keep  # (r,)
+        s = cfg.alpha / b
+        rows.append(torch.stack([train, keep - train, s * train, s * (keep - train)]))  # (4, r)
+    return torch.stack(rows)
+
+
+def set_train_rank(model, b):
+    """Train at rank b from the next forward on: every layer's masks, a copy on the device (no host transfer)."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    for state in {id(m.state): m.state for m in layers}.values():  # one tensor, shared by every layer
-        state.copy_(host)
-    for m in layers:
-        m.train_rank = b
+    for m in {id(m.masks): m for m in layers}.values():  # one tensor, shared by every layer
+        m.masks.copy_(m.table[b - 1])
     return b
 
 
 def on_step(model, cfg, step):
     """Sample this step's rank, the same for every layer."""
-    return set_train_rank(model, cfg, sample_rank(cfg, step))
+    return set_train_rank(model, sample_rank(cfg, step))
 
 
 ADAPTER_KEYS = ("lora_A", "lora_B")

@@ -323,7 +323,8 @@ def report(results_dir, path):
              "sweep over each "
              "method's default lr times the factors of `--lr_factors`, seed 0, scored on the held-out loss only (never "
              "the test set); the lowest wins. Then `--seeds` at that lr (1, 2 and 3: fresh seeds, not the sweep's "
-             "seed 0 that chose it; a rank or block-size variant not swept itself runs at its method's chosen lr), scored on the held-out loss and on GSM8K test (eval.py's protocol). Sizes are "
+             "seed 0 that chose it; a rank or block-size variant not swept itself runs at its method's chosen "
+             "lr), scored on the held-out loss and on GSM8K test (eval.py's protocol). Sizes are "
              "each method's default: LoRA r16, LoRA-XS and LoRA-SB r64 (R is 64 x 64), LoRA-GA r8, Bone and DyLoRA "
              "as their files set them. A verdict compares held-out losses by Welch's t; it is decisive at the two-sided "
              "95% point of Student's t for the seeds' degrees of freedom (4.30 for 3 seeds per side), else "
@@ -364,9 +365,10 @@ def report(results_dir, path):
         if bone in fit and "lora" in fit and len(fit[bone]) > 1 and len(fit["lora"]) > 1:
             lines.append("- " + verdict(fit[bone], fit["lora"], f"{bone} fits the training data better than LoRA "
                                                                 "(mean of the last 5 logged training losses)"))
-    if "sb" in loss and "full" in loss and "lora" in loss:  # claim 1's third part: how close to full fine-tuning
+    if all(n in loss and len(loss[n]) > 1 for n in ("sb", "full", "lora")):  # claim 1's third part: near full?
         (ms, _), (mf, _), (ml, _) = mean_std(loss["sb"]), mean_std(loss["full"]), mean_std(loss["lora"])
-        word = verdict(loss["sb"], loss["lora"], "").split("**")[1]  # "close": at least as close as LoRA r16 is
+        gap = lambda n: [abs(v - mf) for v in loss[n]]  # each seed's distance from full's mean
+        word = verdict(gap("sb"), gap("lora"), "").split("**")[1]  # "close": at least as close as LoRA r16 is
         lines.append(f"- LoRA-SB gets as close to full fine-tuning as LoRA r16 does: **{word}**: its held-out loss is "
                      f"{ms - mf:+.4f} from full's "
                      f"({ms:.4f} vs {mf:.4f}), LoRA r16's {ml - mf:+.4f}; with "
@@ -376,7 +378,7 @@ def report(results_dir, path):
         if "ga" not in by or ref not in by:  # (the paper compares at equal rank: LoRA r8 where it has run)
             continue
         target = mean_std(loss[ref])[0]
-        reach = [next((s for s, v in r["curve"] if v <= target), None) for r in by["ga"]]
+        reach = [next((s for s, v in r["curve"] if v <= target and s > 0), None) for r in by["ga"]]
         lora_steps = by[ref][0]["steps"]
         got = [s for s in reach if s is not None]
         pace = lora_steps / mean_std(got)[0] if len(got) == len(reach) else None
@@ -541,10 +543,13 @@ def main(argv=None):
             if args.stage == "sweep":
                 sweep(n, runs.METHODS[RUNS[n][1]].DEFAULT_LR, factors, args, extra)
                 continue
-            # a variant (another rank or block size, RUNS beyond MAIN) not swept itself takes its method's lr
-            lr = chosen_lr(n, args.results_dir) or (chosen_lr(RUNS[n][1], args.results_dir) if n not in MAIN else None)
+            # a variant (another rank or block size, RUNS beyond MAIN) never swept itself takes its method's lr
+            own = os.path.isdir(os.path.join(args.results_dir, "sweep")) and any(
+                f.startswith(n + "_lr") for f in os.listdir(os.path.join(args.results_dir, "sweep")))
+            lr = chosen_lr(RUNS[n][1] if n not in MAIN and not own else n, args.results_dir)
             if lr is None:
-                raise UserError(f"no sweep records of {n} in {args.results_dir}/sweep: run --stage sweep first")
+                raise UserError(f"no finished sweep run of {n if own or n in MAIN else RUNS[n][1]} (for {n}) in "
+                                f"{args.results_dir}/sweep: run --stage sweep first")
             for s in seeds:
                 evidence_run("seeds", n, lr, s, args, extra)
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))

@@ -198,7 +198,7 @@ def main(argv=None):
     graphed = tcfg.cuda_graph and device.type == "cuda" and method.CUDA_GRAPH and not distributed
     if tcfg.cuda_graph and device.type == "cuda" and not graphed:
         print(f"{tcfg.method}: no CUDA graph " + ("under torchrun" if distributed else
-                                                  "(its layers change shape from step to step)"))
+                                                  "(its CUDA_GRAPH flag is off)"))
     opt = step.make_optimizer(params, tcfg, device, graphed)
     start = 0
     if ckpt is not None:  # adapter (above), optimizer, RNG, step; the data order is a function of the step

@@ -115,7 +115,8 @@ def gsm_file(tmp_path_factory):
 def short_generation(monkeypatch):
     """At most 16 new tokens per problem wherever a test scores GSM8K (train.py's final score, results.py's DyLoRA
     ranks): the tests' tiny random models never stop by themselves, so the default 256 would be 256 decode steps of
-    pure cost (about 1 s a call on 2 cores). Tests of generation itself pass smaller values, which stand."""
+    pure cost (about 1 s a call on 2 cores). Tests of generation itself pass smaller values, which stand. So the CPU
+    tests never generate 256 tokens (tests/test_gpu.py's decoding does), and a run's saved summary still says 256."""
     import eval as ev
     real = ev.run_eval
     monkeypatch.setattr(ev, "run_eval", lambda model, tok, rows, template, suffix, batch_size, max_new_tokens, **k:

@@ -246,5 +246,5 @@ def test_seeds_of_a_variant_take_its_methods_lr(tmp_path, monkeypatch):
               "--out_dir", str(tmp_path / "runs"), "--seeds", "1"]
     results.main(common + ["--methods", "lora-r8,lora-r4,lora"])
     assert ran == [("lora-r8", 4e-3), ("lora-r4", 1e-2), ("lora", 4e-3)]
-    with pytest.raises(UserError, match="no sweep records of xs-r16"):
+    with pytest.raises(UserError, match=r"no finished sweep run of xs \(for xs-r16\)"):
         results.main(common + ["--methods", "xs-r16"])
