@@ -35,6 +35,10 @@ CASES = {  # name: (method, Config overrides): small ranks for the tiny model's 
     "bone-shared": ("bone", dict(block_size=16, bone_variant="shared")),
 }
 N, STEPS = 2 ** 17, 10
+FEW_STEPS = {"lora": 3, "sb": 3, "dylora": 3}  # a smaller update, still resolved: one that adding the adapter's
+# output after the bf16 rounding would partly lose (measured: the forward then keeps 93% of it, and these cases fail);
+# after 10 steps their update is too large for that loss to show. lora-rslora, xs and dylora-rank2 do not resolve it
+# at 3 steps either (measured): a known gap.
 SMALL_UPDATE = ("ga", "bone")  # their default lr (2e-5) moves the weight least: they need all N rows to resolve it;
 # the others resolve theirs to a floor of 0.011 or less with half (measured), which is what they get (CPU time)
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")  # 64 x 64 and 64 x 96
@@ -82,11 +86,12 @@ def test_bf16_policy_keeps_the_update(name):
     before = {n: (forward_bf16(model.get_submodule(n), X[n]), ideal(n), model.get_submodule(n).merged_weight().double())
               for n in LAYERS}
     lr = method.DEFAULT_LR
-    with torch.no_grad():  # STEPS AdamW-sized steps: every entry moves by about lr per step
+    steps = FEW_STEPS.get(name, STEPS)
+    with torch.no_grad():  # AdamW-sized steps: every entry moves by about lr per step
         for p in model.parameters():
             if p.requires_grad:
                 assert p.dtype == torch.float32  # the policy: trainable tensors in fp32
-                p.add_(STEPS * lr * torch.randn(p.shape, generator=g).sign())
+                p.add_(steps * lr * torch.randn(p.shape, generator=g).sign())
     for n in LAYERS:
         layer = model.get_submodule(n)
         Y0, I0, W_before = before[n]
