@@ -280,12 +280,17 @@ def fed_report(recs):
     return lines
 
 
+def swept(name, results_dir):
+    """The sweep records of run `name` (diverged ones included)."""
+    d = os.path.join(results_dir, "sweep")
+    recs = [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if f.startswith(name + "_lr")] \
+        if os.path.isdir(d) else []
+    return [r for r in recs if r["name"] == name]
+
+
 def chosen_lr(name, results_dir):
     """The swept lr with the lowest held-out loss (seed 0), or None before the sweep has run."""
-    recs = [json.load(open(os.path.join(results_dir, "sweep", f))) for f in sorted(os.listdir(
-        os.path.join(results_dir, "sweep"))) if f.startswith(name + "_lr")] if os.path.isdir(
-        os.path.join(results_dir, "sweep")) else []
-    recs = [r for r in recs if r["name"] == name and r["val_loss"] is not None]
+    recs = [r for r in swept(name, results_dir) if r["val_loss"] is not None]
     return min(recs, key=lambda r: r["val_loss"])["lr"] if recs else None
 
 
@@ -370,8 +375,7 @@ def report(results_dir, path):
         gap = lambda n: [abs(v - mf) for v in loss[n]]  # each seed's distance from full's mean
         word = verdict(gap("sb"), gap("lora"), "").split("**")[1]  # "close": at least as close as LoRA r16 is
         lines.append(f"- LoRA-SB gets as close to full fine-tuning as LoRA r16 does: **{word}**: its held-out loss is "
-                     f"{ms - mf:+.4f} from full's "
-                     f"({ms:.4f} vs {mf:.4f}), LoRA r16's {ml - mf:+.4f}; with "
+                     f"{ms - mf:+.4f} from full's ({ms:.4f} vs {mf:.4f}), LoRA r16's {ml - mf:+.4f}; with "
                      f"{by['full'][0]['trainable'] / by['sb'][0]['trainable']:.0f}x fewer trainable parameters than "
                      f"full and {by['lora'][0]['trainable'] / by['sb'][0]['trainable']:.1f}x fewer than LoRA r16")
     for ref in ("lora-r8", "lora"):  # claim 2: the steps LoRA-GA needs to reach LoRA's final held-out loss
@@ -544,12 +548,11 @@ def main(argv=None):
                 sweep(n, runs.METHODS[RUNS[n][1]].DEFAULT_LR, factors, args, extra)
                 continue
             # a variant (another rank or block size, RUNS beyond MAIN) never swept itself takes its method's lr
-            own = os.path.isdir(os.path.join(args.results_dir, "sweep")) and any(
-                f.startswith(n + "_lr") for f in os.listdir(os.path.join(args.results_dir, "sweep")))
-            lr = chosen_lr(RUNS[n][1] if n not in MAIN and not own else n, args.results_dir)
+            source = n if n in MAIN or swept(n, args.results_dir) else RUNS[n][1]
+            lr = chosen_lr(source, args.results_dir)
             if lr is None:
-                raise UserError(f"no finished sweep run of {n if own or n in MAIN else RUNS[n][1]} (for {n}) in "
-                                f"{args.results_dir}/sweep: run --stage sweep first")
+                raise UserError(f"no finished sweep run of {source} (for {n}) in {args.results_dir}/sweep: run "
+                                f"--stage sweep first")
             for s in seeds:
                 evidence_run("seeds", n, lr, s, args, extra)
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))

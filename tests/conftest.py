@@ -106,11 +106,6 @@ def gsm_file(tmp_path_factory):
     return write_gsm8k(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
-# A test whose function has a `background` attribute (an object with start() and stop()) is slow mostly by waiting
-# (tests/test_flower.py: live Flower deployments): its work starts as soon as the session's tests are collected and
-# the test itself collects the result after the other tests, so their work fills that waiting. Tests of a module
-# with `ALONE = True` (tests/test_dist.py: processes that wait on each other in collectives, which crawl when other
-# processes take their cores) run after it, when the background work is over.
 @pytest.fixture(autouse=True)
 def short_generation(monkeypatch):
     """At most 16 new tokens per problem wherever a test scores GSM8K (train.py's final score, results.py's DyLoRA
@@ -123,6 +118,11 @@ def short_generation(monkeypatch):
                         real(model, tok, rows, template, suffix, batch_size, min(max_new_tokens, 16), **k))
 
 
+# A test whose function has a `background` attribute (an object with start() and stop()) is slow mostly by waiting
+# (tests/test_flower.py: live Flower deployments): its work starts as soon as the session's tests are collected and
+# the test itself collects the result after the other tests, so their work fills that waiting. Tests of a module
+# with `ALONE = True` (tests/test_dist.py: processes that wait on each other in collectives, which crawl when other
+# processes take their cores) run after it, when the background work is over.
 def background_of(item):
     return getattr(getattr(item, "function", None), "background", None)
 
