@@ -65,6 +65,7 @@ class BenchConfig:
     base_bits: int = 16  # 4: the blocks' linear weights in NF4 (train.py --base_bits 4), built one tensor at a time
     rank: int = 0  # the adapters' rank; 0: each method's default
     init_stream: bool = False  # sb, ga: the layer-by-layer gradient init (train.py --init_stream)
+    init_samples: int = 0  # sb, ga: sequences of the gradient init; 0: the method's default (LoRA-SB's paper: 50)
     hf: bool = False  # also time Hugging Face transformers + PEFT (hf-lora, hf-miss, hf-full) on each shape
     liger: bool = False  # with --hf: also HF + liger-kernel (hf-liger-lora, hf-liger-full; needs liger-kernel, CUDA)
     gsm8k: bool = False  # time train.py's real GSM8K run instead (needs --model, --data; other keys go to train.py)
@@ -123,6 +124,7 @@ def bench_ours(shape, name, args, device, dtype):
     mcfg = method.Config(**({"rank": args.rank} if args.rank and hasattr(method.Config, "rank") else {}))
     if hasattr(mcfg, "init_stream"):
         mcfg.init_stream = args.init_stream
+        mcfg.init_samples = args.init_samples or mcfg.init_samples
     graphed = args.cuda_graph and device.type == "cuda" and method.CUDA_GRAPH
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -262,9 +264,9 @@ def main(argv=None):
         raise UserError("--batch, --seq and --steps must be >= 1 and --warmup >= 0")
     device = cli.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.base_bits not in (4, 16) or args.rank < 0:
-        raise UserError(f"--base_bits must be 4 or 16 and --rank >= 0 (0: each method's default), got "
-                        f"{args.base_bits}, {args.rank}")
+    if args.base_bits not in (4, 16) or args.rank < 0 or args.init_samples < 0:
+        raise UserError(f"--base_bits must be 4 or 16, --rank and --init_samples >= 0 (0: each method's default), "
+                        f"got {args.base_bits}, {args.rank}, {args.init_samples}")
     if args.base_bits == 4 and "full" in args.methods.split(","):
         raise UserError("--base_bits 4: full fine-tuning trains the base weights, which cannot be 4-bit; "
                         "leave full out of --methods")
