@@ -32,7 +32,7 @@ from model import adapted_linear, load_strict, merge_linears, swap_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = 2e-4  # as LoRA's
-CUDA_GRAPH = False  # the step's shapes no longer change with b (masks), but the graphed step awaits its GPU test
+CUDA_GRAPH = True  # the sampled rank enters as masks, so the step's shapes never change with b (tests/test_gpu.py)
 GRADIENT_INIT = False  # apply() needs no gradients
 NESTED_RANKS = True  # one adapter usable at every rank 1..r (Config.eval_rank picks one)
 

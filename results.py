@@ -15,6 +15,7 @@ held-out loss and GSM8K accuracy of the model as trained against the same adapte
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -356,14 +357,19 @@ def report(results_dir, path):
         lines.append(f"| {name} | {rs[0]['lr']:g} | {len(rs)} | {rs[0]['trainable']:,} | {vl:.4f} +- {vs:.4f} | "
                      f"{100 * am:.2f} +- {100 * asd:.2f}% | {mean_std([r['train_s'] for r in rs])[0]:.1f} |")
     loss = {n: [r["val_loss"] for r in rs] for n, rs in by.items()}
-    claims = [("sb", "xs", "LoRA-SB has a lower held-out loss than LoRA-XS at equal rank"),
+    claims = [("sb", "xs", "LoRA-SB has a lower held-out loss than LoRA-XS at equal rank (64, the default)"),
               ("sb", "lora", "LoRA-SB has a lower held-out loss than LoRA r16 (with fewer trainable parameters)"),
               ("bone", "lora", "Bone fits better than LoRA (held-out loss)"),
               ("dylora", "lora", "DyLoRA at its full rank is as good as LoRA at that rank (lower loss)")]
+    for r in sorted({int(n.split("-r")[1]) for n in by if n.startswith(("sb-r", "xs-r"))}):  # claim 1 at other ranks
+        claims.append((f"sb-r{r}", f"xs-r{r}", f"LoRA-SB has a lower held-out loss than LoRA-XS at rank {r} (both at "
+                                               "their default rank's lr)"))
     lines += ["", "## Verdicts (held-out loss; lower is better)", ""]
     for a, b, claim in claims:
-        lines.append("- " + (verdict(loss[a], loss[b], claim) if a in loss and b in loss and len(loss[a]) > 1 and
-                             len(loss[b]) > 1 else f"{claim}: not run yet"))
+        if a in loss and b in loss and len(loss[a]) > 1 and len(loss[b]) > 1:
+            lines.append("- " + verdict(loss[a], loss[b], claim))
+        elif "-r" not in a:  # a rank variant with one side missing is simply not listed
+            lines.append(f"- {claim}: not run yet")
     fit = {n: [sum(v for _, v in r["train_curve"][-5:]) / len(r["train_curve"][-5:]) for r in rs]
            for n, rs in by.items() if all(r.get("train_curve") for r in rs)}  # each seed's last 5 logged losses
     for bone in ("bone", "bone-shared"):  # claim 3's other half: the training fit
@@ -397,7 +403,7 @@ def report(results_dir, path):
         if not runs_by_rank:
             continue
         mode = "frozen: only the sampled component trains" if dy == "dylora" else "non-frozen"
-        lines += ["", f"### Claim 4: one {dy} run ({mode}, {by[dy][0]['epochs']:g} epochs) at each rank, against LoRA "
+        lines += ["", f"### Claim 4: one {dy} run ({mode}, {by[dy][0]['epochs']:g} epoch{'s' * (by[dy][0]['epochs'] != 1)}) at each rank, against LoRA "
                   "trained at that rank", "", "| rank | DyLoRA held-out loss | LoRA at that rank | verdict |",
                   "|---|---|---|---|"]
         lora_s = []
@@ -422,15 +428,19 @@ def report(results_dir, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, rs in sorted(by.items()):
-            m, s = mean_std(loss[name])
-            ax.errorbar(rs[0]["trainable"], m, yerr=s, fmt="o", capsize=3, label=name)
+        families = {}  # a method's sizes as one line: "lora-r4" and "lora" are both LoRA, "bone-b32" is Bone
+        for name in by:
+            families.setdefault(re.sub(r"-[rb]\d+$", "", name), []).append(name)
+        for fam, names in sorted(families.items()):
+            pts = sorted((by[n][0]["trainable"], *mean_std(loss[n])) for n in names)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
+                        label=fam)
         ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out loss (mean +- std over seeds)")
         ax.legend(fontsize=8)
         fig.savefig(os.path.join(results_dir, "loss_vs_params.png"), dpi=110, bbox_inches="tight")
         lines += ["", "![held-out loss against trainable parameters](loss_vs_params.png)"]
         fig, ax = plt.subplots(figsize=(7, 4.5))  # claims 2 and 3: how fast each method gets there
-        for name, rs in sorted(by.items()):
+        for name, rs in sorted((n, rs) for n, rs in by.items() if n in MAIN):  # the sizes' variants: figure 1
             steps = [st for st, _ in rs[0]["curve"]]
             curves = [[v for _, v in r["curve"]] for r in rs if [st for st, _ in r["curve"]] == steps]
             ax.plot(steps, [sum(c[i] for c in curves) / len(curves) for i in range(len(steps))], label=name,
