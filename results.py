@@ -61,6 +61,7 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     # fed (claim 5: --fed_runs x --dp_epsilons x --seeds, fed.py runs) |
     # report (RESULTS.md and its figure from --results_dir alone, no run)
     results_dir: str = "results/evidence"  # each finished sweep/seeds run's record (small JSON, committed)
+    merged_json: str = "results/precision_gpu.json"  # claim 6 in the report: --merged_check's runs (README, Precision)
     lr_factors: tuple = ("0.25", "1", "4", "16")  # the sweep: each method's DEFAULT_LR times these (the defaults are
     # the papers' 7B settings; a small model often wants more)
     seeds: tuple = ("1", "2", "3")  # the seeds run at each method's chosen lr (and of each --stage fed run): not 0,
@@ -312,7 +313,30 @@ def verdict(a, b, claim):
     return f"{claim}: **{word}** ({ma:.4f} +- {sa:.4f} vs {mb:.4f} +- {sb:.4f}, t = {t:.2f}, decisive at |t| >= {need})"
 
 
-def report(results_dir, path):
+def merged_report(path):
+    """Claim 6's lines from --merged_check's record (one seed per method, the README's precision table): the held-out
+    loss of the model as trained against the same adapter merged into a bf16 base. The fp32 merge equals the trained
+    model exactly (tests/test_train.py checks the merged export's logits); what a bf16 merge loses is measured here."""
+    if not path or not os.path.isfile(path):
+        return []
+    rs = json.load(open(path)).get("runs", {})
+    lines = ["", "### Claim 6: the merged model against the model as trained (one seed each, default lrs)", "",
+             f"From `{path}` (`results.py --merged_check 1`). Merged in fp32 the model is the trained one (the "
+             "merged export's logits equal the trained model's within 1e-4: tests/test_train.py); merged into a bf16 "
+             "base, each weight is rounded once more:", "",
+             "| run | held-out loss as trained | merged, bf16 | difference | GSM8K as trained | merged, bf16 |",
+             "|---|---|---|---|---|---|"]
+    for n, r in rs.items():
+        lines.append(f"| {n} | {r['val_loss_trained']:.4f} | {r['val_loss_merged_bf16']:.4f} | "
+                     f"{r['val_loss_merged_bf16'] - r['val_loss_trained']:+.4f} | {100 * r['acc_trained']:.2f}% | "
+                     f"{100 * r['acc_merged_bf16']:.2f}% |")
+    worst = max(rs.items(), key=lambda kv: abs(kv[1]["val_loss_merged_bf16"] - kv[1]["val_loss_trained"]))
+    lines.append(f"\nThe largest change of held-out loss from the bf16 merge: {worst[0]}, "
+                 f"{worst[1]['val_loss_merged_bf16'] - worst[1]['val_loss_trained']:+.4f}.")
+    return lines
+
+
+def report(results_dir, path, merged_json=""):
     """RESULTS.md from the committed records alone: the protocol, the sweep, mean +- std per method, verdicts."""
     def load(stage):
         d = os.path.join(results_dir, stage)
@@ -397,14 +421,15 @@ def report(results_dir, path):
                      f"**{word}**: the steps it needs to reach LoRA's final held-out loss ({target:.4f} after "
                      f"{lora_steps} steps), per seed: {reach}" + (f"; {pace:.2f}x LoRA's pace" if pace else "") +
                      " (curves are evaluated every 25 steps, so this resolves 25 steps)")
-    lines += fed_report(fed_recs)
+    lines += fed_report(fed_recs) + merged_report(merged_json)
     for dy in ("dylora", "dylora-nf"):  # claim 4: one run used at every rank, against LoRA trained at that rank
         runs_by_rank = [r.get("val_loss_by_rank") for r in by.get(dy, []) if r.get("val_loss_by_rank")]
         if not runs_by_rank:
             continue
         mode = "frozen: only the sampled component trains" if dy == "dylora" else "non-frozen"
-        lines += ["", f"### Claim 4: one {dy} run ({mode}, {by[dy][0]['epochs']:g} epoch{'s' * (by[dy][0]['epochs'] != 1)}) at each rank, against LoRA "
-                  "trained at that rank", "", "| rank | DyLoRA held-out loss | LoRA at that rank | verdict |",
+        epochs = by[dy][0]["epochs"]
+        lines += ["", f"### Claim 4: one {dy} run ({mode}, {epochs:g} epoch{'s' * (epochs != 1)}) at each rank, "
+                  "against LoRA trained at that rank", "", "| rank | DyLoRA held-out loss | LoRA at that rank | verdict |",
                   "|---|---|---|---|"]
         lora_s = []
         for b in sorted({int(k) for d in runs_by_rank for k in d}):
@@ -526,7 +551,7 @@ def main(argv=None):
     if args.stage not in ("table", "sweep", "seeds", "fed", "report"):
         raise UserError(f"--stage must be table, sweep, seeds, fed or report, got {args.stage!r}")
     if args.stage == "report":  # from the committed records alone: no model, no data, no GPU
-        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))
+        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     for k in ("model", "data") + (("test_data",) if args.stage != "fed" else ()):
         if not getattr(args, k):
             raise UserError(f"--{k} is required (results.py --model PATH --data train.jsonl --test_data test.jsonl)")
@@ -550,7 +575,7 @@ def main(argv=None):
             for eps in args.dp_epsilons:
                 for sd in seeds:
                     fed_run(n, eps, sd, args, extra)
-        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))
+        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     if args.stage in ("sweep", "seeds"):
         import runs
         for n in names:
@@ -565,7 +590,7 @@ def main(argv=None):
                                 f"--stage sweep first")
             for s in seeds:
                 evidence_run("seeds", n, lr, s, args, extra)
-        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md")))
+        return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     rows = [run(n, args, extra) for n in names]
     text = table(rows)
     if args.merged_check:  # scored as trained vs merged into a bf16 base (the README's precision table)
