@@ -380,8 +380,71 @@ def dp_generator(dp_seed, seed):
 
 
 def per_example_grads(model, params, x, y):
-    """{name: (N, *shape)}: the gradient of each row's mean target-token loss (one example per row), by
-    torch.func: vmap over examples of grad (model.adapted_linear takes a vmap-able path under it)."""
+    """{name: (N, *shape)}: the gradient of each row's mean target-token loss (one example per row, right-padded).
+    One batched forward and backward (book-keeping, as Opacus does for linear layers): every trainable tensor P
+    that the forward uses only as a linear layer's weight, F.linear(a, P), gets each row's gradient
+    sum_t g_t a_t^T from that layer's input a and output gradient g, which no other row touches (causal attention
+    within a row; padding sits after a row's tokens and its targets are ignored, so its g is zero). Rows never mix,
+    so this is exact. A trainable tensor used any other way falls back to torch.func (vmap over rows of grad)."""
+    seen = _LinearBookkeeping({id(p): n for n, p in params.items()}, x.shape[0])
+    with seen:
+        logits = model(x)[0]  # (N, T, V)
+    if seen.other:  # a trainable tensor not (only) a linear weight: the generic path
+        return per_example_grads_vmap(model, params, x, y)
+    loss = sum(F.cross_entropy(logits[i].float(), y[i], ignore_index=-100, reduction="sum") / (y[i] != -100).sum()
+               for i in range(x.shape[0]))  # the rows' mean losses, summed: row i's gradient is its own
+    loss.backward(inputs=list(params.values()))  # the layers' backward fills seen.grads; P.grad stays untouched
+    return {n: seen.grads.get(n, torch.zeros((x.shape[0], *p.shape), device=p.device)) for n, p in params.items()}
+
+
+class _LinearBookkeeping(torch.overrides.TorchFunctionMode):
+    """While active, F.linear(a, P) with a trainable P runs as _PerRowLinear, whose backward adds each row's
+    gradient of P to self.grads[name]; any other use of a trainable tensor sets self.other."""
+
+    def __init__(self, names, rows):
+        super().__init__()
+        self.names, self.rows, self.grads, self.other = names, rows, {}, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and id(args[1]) in self.names and not kwargs \
+                and (len(args) == 2 or args[2] is None):
+            return _PerRowLinear.apply(args[0], args[1], self, self.names[id(args[1])])
+        if getattr(func, "__name__", "") != "__get__":  # reading .shape or .dtype is no use of the values
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            self.other |= any(isinstance(t, torch.Tensor) and id(t) in self.names for t in flat)
+        return func(*args, **kwargs)
+
+
+class _PerRowLinear(torch.autograd.Function):
+    """F.linear(a, P) in autocast's dtype, as autograd would run it; its backward returns a's gradient and records
+    P's per row (fp32), rather than their sum."""
+
+    @staticmethod
+    def forward(ctx, a, P, book, name):
+        dev = a.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(a.dtype, P.dtype)
+        with torch.autocast(dev, enabled=False):
+            a_, P_ = a.to(dt), P.to(dt)
+            ctx.save_for_backward(a_, P_)
+            ctx.book, ctx.name, ctx.a_dtype = book, name, a.dtype
+            return F.linear(a_, P_)  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, g):
+        a_, P_ = ctx.saved_tensors
+        book = ctx.book
+        n = book.rows
+        ga = (g.to(P_.dtype) @ P_).to(ctx.a_dtype)  # (..., d_in)
+        per_row = torch.einsum("ntm,ntk->nmk", g.reshape(n, -1, g.shape[-1]).float(),
+                               a_.reshape(n, -1, a_.shape[-1]).float())  # (N, d_out, d_in)
+        book.grads[ctx.name] = book.grads[ctx.name] + per_row if ctx.name in book.grads else per_row
+        return ga, None, None, None
+
+
+def per_example_grads_vmap(model, params, x, y):
+    """per_example_grads by torch.func: vmap over examples of grad (model.adapted_linear takes a vmap-able path
+    under it). The general path, one row at a time wherever vmap lacks a batching rule (SDPA's flash backward)."""
     from torch.func import functional_call, grad, vmap
 
     def loss(p, xi, yi):

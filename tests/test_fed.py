@@ -5,6 +5,7 @@ import data
 import fed
 import lora
 import lora_sb
+import runs
 from conftest import script, hf_tiny
 from cli import UserError
 from model import Llama, ModelConfig
@@ -263,12 +264,19 @@ def test_accountant_pinned_values_and_sigma_search():
         assert fed.dp_epsilon(sigma * 0.99, 0.04, 500, 1e-5) > eps
 
 
-@pytest.mark.parametrize("method", ["sb", "fedit", "ffa", "fedex"])
-def test_per_example_grads_clipping_and_noise(method):
+@pytest.mark.parametrize("method", ["sb", "fedit", "ffa", "fedex", "bone"])
+def test_per_example_grads_clipping_and_noise(method, monkeypatch):
     """Rows of different lengths, right-padded (pad tokens, -100 targets) in one micro-batch: each row's gradient
     equals the autograd gradient of that row alone and unpadded, and the clipped sum is the sum of those gradients
-    each clipped to C (some rows are clipped, some not)."""
-    model = adapted(method)
+    each clipped to C (some rows are clipped, some not). fed.py's strategies take the one-backward book-keeping
+    path (their trainable tensors are linear weights only); Bone's R is not, so it must take torch.func's."""
+    if method == "bone":
+        model = tiny()
+        runs.METHODS["bone"].apply(model, runs.METHODS["bone"].Config(block_size=16))
+    else:
+        model = adapted(method)
+    vmap_path, fell_back = fed.per_example_grads_vmap, []
+    monkeypatch.setattr(fed, "per_example_grads_vmap", lambda *a: fell_back.append(1) or vmap_path(*a))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # away from the init (LoRA's B = 0 would zero A's gradient), FedEx's residual nonzero
         for n, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -282,6 +290,7 @@ def test_per_example_grads_clipping_and_noise(method):
     for i, n in enumerate(lengths):
         x[i, n:], y[i, n - 1:] = 0, -100  # padding
     pe = fed.per_example_grads(model, params, x, y)
+    assert bool(fell_back) == (method == "bone") and all(p.grad is None for p in params.values())
     ref = [torch.autograd.grad(model(x[i:i + 1, :n], y[i:i + 1, :n])[1], list(params.values()))
            for i, n in enumerate(lengths)]  # each row alone
     for i in range(4):
