@@ -33,8 +33,8 @@ B_k and forms the mean of B_k A_k itself), and no setup. Mistral-7B, 25 clients,
 (tests/test_fed.py): the paper's 234x is its download ratio; ours is 399x up and down (788x down alone).
 
 Private mode (--dp_epsilon E, a target epsilon > 0; inf, the default, trains without privacy): DP-SGD per client
-at the record level, on the trainable tensors only: Poisson-sampled batches, per-example gradients (torch.func), one
-joint L2 clip to C, N(0, (sigma C)^2) added once per logical batch, divided by the expected batch size. sigma is
+at the record level, on the trainable tensors only: Poisson-sampled batches, per-example gradients (one batched
+backward, book-keeping; torch.func where that cannot apply), one joint L2 clip to C, N(0, (sigma C)^2) added once per logical batch, divided by the expected batch size. sigma is
 found for the target epsilon over all rounds by bisection over Opacus's RDP (or PRV) accountant of the subsampled
 Gaussian, at delta = min(1e-5, n^-1.1) for a client of n examples (below the common bound 1/n) unless --dp_delta
 is given. The sampling and the noise come from a generator seeded with 64 bits of the OS's entropy, fresh per
@@ -433,12 +433,11 @@ class _PerRowLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a_, P_ = ctx.saved_tensors
-        book = ctx.book
-        n = book.rows
+        n, grads = ctx.book.rows, ctx.book.grads
         ga = (g.to(P_.dtype) @ P_).to(ctx.a_dtype)  # (..., d_in)
         per_row = torch.einsum("ntm,ntk->nmk", g.reshape(n, -1, g.shape[-1]).float(),
                                a_.reshape(n, -1, a_.shape[-1]).float())  # (N, d_out, d_in)
-        book.grads[ctx.name] = book.grads[ctx.name] + per_row if ctx.name in book.grads else per_row
+        grads[ctx.name] = grads[ctx.name] + per_row if ctx.name in grads else per_row  # a weight used twice: summed
         return ga, None, None, None
 
 

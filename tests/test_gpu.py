@@ -6,7 +6,7 @@
 - CUDA-graph decoding (generate's default on CUDA) gives the eager decoding's tokens;
 - the compiled model (--compile) equals the eager one up to bf16 rounding, and trains the same;
 - --init_offload (init gradients accumulated on the CPU) gives the on-GPU gradients and the same init;
-- DP-SGD's per-example gradients (torch.func over the bf16 policy) equal each example's autograd gradient.
+- DP-SGD's per-example gradients (one batched backward over the bf16 policy) equal each example's autograd gradient.
 All under the CUDA precision policy: bf16 frozen base, fp32 trainable tensors, bf16 autocast.
 """
 import pytest
@@ -214,8 +214,8 @@ def test_init_offload_equals_on_device(name):
 
 
 def test_per_example_grads_on_cuda():
-    """DP-SGD's per-example gradients (torch.func.vmap over the policy's bf16 forward) on the GPU: each row's equals
-    the autograd gradient of that row alone, to bf16 noise."""
+    """DP-SGD's per-example gradients (fed.per_example_grads: one batched backward under the bf16 policy) on the
+    GPU: each row's equals the autograd gradient of that row alone, to bf16 noise."""
     import fed
     _, _, model = build("lora")
     model.train()
@@ -234,7 +234,7 @@ def test_per_example_grads_on_cuda():
         ref = torch.autograd.grad(loss, list(params.values()))
         for n, r in zip(params, ref):
             # two bf16 roundings of the same math (the reference: fused attention, chunked loss from bf16 logits;
-            # here: math attention, fp32 logits) differ by ~2% (measured 2.0% on the H200); a wrong row or a lost
+            # here: batched rows, fp32 logits) differ by ~2% (measured 2.0% on the H200); a wrong row or a lost
             # adapter term would be off by ~100%
             assert (g[n][i].float() - r.float()).norm() <= 0.05 * r.float().norm() + 1e-8, n
 

@@ -26,7 +26,8 @@ sync()
 t, steps = time.time(), 3
 fed.local_train(model, cfg, seqs, shard, steps, 1, tok.pad_id, dp=(1.0, q))
 sync()
-res = dict(path=path, device=dev, logical_batch=32, micro=16, torch=torch.__version__, examples_per_s=round(steps * 32 / (time.time() - t), 1),
+res = dict(path=path, device=dev, logical_batch=32, micro=16, torch=torch.__version__,
+           examples_per_s=round(steps * 32 / (time.time() - t), 1),
            seconds_per_logical_batch=round((time.time() - t) / steps, 2))  # 32 examples expected per batch
 print(res)
 json.dump(res, open(sys.argv[1], "w"))
