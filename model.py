@@ -254,20 +254,22 @@ class KVCache:
     """Preallocated keys/values for generation. valid[b, t] says whether slot t of row b holds a real token
     (False for left padding), so attention never looks at padding. The prompt is written at slots [0, len);
     each decode step then writes one token at `slot`, a tensor on the device, and attends over every slot up to
-    it: fixed shapes, so a decode step can be captured once as a CUDA graph and replayed."""
+    it: fixed shapes, so a decode step can be captured once as a CUDA graph and replayed. `span` (a host int)
+    is how many slots a decode step reads: generate grows it in steps of SPAN_STEP instead of reading all T
+    slots from the first token on (one graph per span)."""
 
     def __init__(self, cfg: ModelConfig, valid, dtype):
         B, T = valid.shape
         shape = (cfg.n_layers, B, cfg.n_kv_heads, T, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=valid.device)
         self.v = torch.zeros(shape, dtype=dtype, device=valid.device)
-        self.valid, self.len, self.slot = valid, 0, None
+        self.valid, self.len, self.slot, self.span = valid, 0, None, T
 
     def update(self, layer, k, v):
         if self.slot is not None:  # decode: (B, nkv, 1, hd) written at the device-side position
             self.k[layer].index_copy_(2, self.slot, k)
             self.v[layer].index_copy_(2, self.slot, v)
-            return self.k[layer], self.v[layer]
+            return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]  # (B, nkv, span, hd)
         T = k.shape[2]
         self.k[layer, :, :, self.len:self.len + T] = k
         self.v[layer, :, :, self.len:self.len + T] = v
@@ -380,8 +382,8 @@ class Llama(nn.Module):
         B, T = idx.shape
         mask = None
         if cache is not None and cache.slot is not None:  # decode step: every valid slot up to this one
-            slots = torch.arange(cache.k.shape[3], device=idx.device)
-            mask = cache.valid[:, None, None, :] & (slots <= cache.slot)  # (B, 1, 1, L)
+            slots = torch.arange(cache.span, device=idx.device)
+            mask = cache.valid[:, None, None, :cache.span] & (slots <= cache.slot)  # (B, 1, 1, span)
         elif cache is not None:  # prefill: causal over the prompt, never attending to left padding
             L = cache.len + T
             causal = torch.ones(T, L, dtype=torch.bool, device=idx.device).tril(cache.len)
@@ -642,6 +644,11 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # generation
 
+# A decode step reads the cache up to a multiple of SPAN_STEP slots past the one it writes, not all of it: the
+# keys and values are most of a step's memory traffic at large batches, and a step reading P + 256 slots when only
+# P + 1 are filled does up to twice the work. Each span is its own CUDA graph (a few per generate call).
+SPAN_STEP = 64
+
 def capture_decode(model, cache, tok, pos):
     """Record one decode step as a CUDA graph: replaying it re-runs the whole step with one CPU call instead of
     hundreds of kernel launches (eager decoding of a small model is bound by those launches)."""
@@ -726,8 +733,11 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
                 nxt, next_pos, rows, graph, toks = nxt[k], next_pos[k], [rows[j] for j in keep], None, toks[k]
         if t + 1 == max_new_tokens:
             break
+        span = min(P + max_new_tokens, -(-(P + t + 1) // SPAN_STEP) * SPAN_STEP)  # slots up to this step's one
+        if span != cache.span:
+            cache.span, graph = span, None
         if use_graph:
-            if graph is None:  # (re)record for this batch size
+            if graph is None:  # (re)record for this batch size and span
                 graph, g_tok, g_pos, g_logits = capture_decode(model, cache, nxt[:, None], next_pos)
             g_tok.copy_(nxt[:, None])
             g_pos.copy_(next_pos)

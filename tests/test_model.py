@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from conftest import GSM8K, LLAMA2_SP, hf_tiny, needs_shared, write_bpe_tokenizer
 from cli import UserError
+import model as model_mod
 from model import ChunkedCrossEntropy, Llama, ModelConfig, Tokenizer, generate
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -119,6 +120,18 @@ def test_batched_generation_equals_one_by_one():
     assert len(one[0]) <= 3 and max(len(o) for o in one) > len(one[0])  # rows of different lengths, one cut early
     assert generate(model, prompts, 24, eos_id=eos) == one
     assert generate(model, prompts[::-1], 24, eos_id=eos) == one[::-1]
+
+
+def test_decoding_reads_the_cache_in_spans(monkeypatch):
+    """Decode steps that read the KV cache only up to a growing span (a new one every 4 steps here) give the
+    tokens of steps that read every slot."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 17, 1, 9)]
+    monkeypatch.setattr(model_mod, "SPAN_STEP", 10 ** 6)
+    whole = generate(model, prompts, 30)
+    monkeypatch.setattr(model_mod, "SPAN_STEP", 4)
+    assert generate(model, prompts, 30) == whole
 
 
 def test_generation_stops_at_eos_and_stop_strings(tiny_dir):

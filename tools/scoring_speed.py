@@ -1,0 +1,30 @@
+"""GSM8K scoring speed on a GPU: all test problems, greedy, 256 new tokens, eval.py's default batch (as many as fit),
+for several values of model.SPAN_STEP (how far past the current slot a decode step reads the KV cache; 10**6 reads
+all of it, as generate did before spans). With ADAPTER_RUN_DIR the fine-tuned model is scored as train.py scores it
+(adapter unmerged, bf16 autocast). A warm-up of 64 problems first; each variant runs once.
+
+    python tools/scoring_speed.py OUT.json MODEL_DIR GSM8K_TEST.jsonl [ADAPTER_RUN_DIR]
+"""
+import json, os, sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch, eval as ev, model as model_mod, runs
+from model import Llama, Tokenizer
+out_path, model_dir, test = sys.argv[1:4]
+adapter = runs.load_adapter(sys.argv[4]) if len(sys.argv) > 4 else None
+tok = Tokenizer.from_pretrained(model_dir)
+model = Llama.from_pretrained(model_dir, device="cuda", dtype=torch.bfloat16)
+if adapter:
+    method, cfg, sd, meta = adapter
+    method.apply(model, cfg, init=False)
+    method.load_adapter_state_dict(model, sd)
+rows = ev.load_gsm8k(test)
+ev.run_eval(model.eval(), tok, rows[:64], ev.TEMPLATE, ev.SUFFIX, 0, 256, desc="warm-up")
+res = dict(model=model_dir, adapter=sys.argv[4] if adapter else None, gpu=torch.cuda.get_device_name(),
+           torch=torch.__version__, variants={})
+for span in (10 ** 6, 128, 64, 32):
+    model_mod.SPAN_STEP = span
+    _, s = ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 0, 256, desc=f"span {span}")
+    res["variants"][str(span)] = {k: s[k] for k in ("wall_s", "tok_s", "generated_tokens", "accuracy",
+                                                    "invalid_rate", "batch_size")}
+    print(span, res["variants"][str(span)], flush=True)
+json.dump(res, open(out_path, "w"), indent=1)
