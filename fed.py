@@ -392,7 +392,8 @@ def per_example_grads(model, params, x, y):
         logits = model(x)[0]  # (N, T, V)
     if seen.other:  # a trainable tensor not (only) a linear weight: the generic path
         return per_example_grads_vmap(model, params, x, y)
-    loss = sum(F.cross_entropy(logits[i].float(), y[i], ignore_index=-100, reduction="sum") / (y[i] != -100).sum()
+    loss = sum(F.cross_entropy(logits[i].float(), y[i], ignore_index=-100, reduction="sum") /
+               (y[i] != -100).sum().clamp(min=1)  # a row of padding alone (graphed_dp_micro) has no targets: 0
                for i in range(x.shape[0]))  # the rows' mean losses, summed: row i's gradient is its own
     loss.backward(inputs=list(params.values()))  # the layers' backward fills seen.grads; P.grad stays untouched
     return {n: seen.grads.get(n, torch.zeros((x.shape[0], *p.shape), device=p.device)) for n, p in params.items()}
@@ -440,6 +441,56 @@ class _PerRowLinear(torch.autograd.Function):
                                a_.reshape(n, -1, a_.shape[-1]).float())  # (N, d_out, d_in)
         grads[ctx.name] = grads[ctx.name] + per_row if ctx.name in grads else per_row  # a weight used twice: summed
         return ga, None, None, None
+
+
+def dp_micro(model, params, x, y, C, rows):
+    """{name: the sum over the rows of x (N <= rows, T) of each row's gradient clipped to norm C}, under the
+    training's precision policy. On a GPU, when every trainable tensor is a linear weight, it runs as a CUDA graph
+    (graphed_dp_micro): eager, this step is bound by launching its thousands of small kernels (and by the
+    book-keeping's Python), not by the GPU."""
+    if x.device.type == "cuda":
+        return graphed_dp_micro(model, params, x, y, C, rows)
+    with step.autocast(x.device):
+        return clip_per_example(per_example_grads(model, params, x, y), C)
+
+
+def graphed_dp_micro(model, params, x, y, C, rows, multiple=64):
+    """dp_micro as CUDA graphs, one per padded length, kept on the model (sharing one memory pool: they never run
+    at once); each reads the model's tensors in place (fed.py's clients load their states into the same
+    Parameters). x is right-padded to a multiple of `multiple` tokens (attention is causal: a row's tokens see the
+    same keys) and to `rows` rows with rows of padding alone, whose gradient is zero: the clipped sum is the same."""
+    graphs = model.__dict__.setdefault("_dp_graphs", {})
+    N, T = x.shape
+    L = -(-T // multiple) * multiple
+    x, y = (F.pad(t, (0, L - T, 0, rows - N), value=v) for t, v in ((x, 0), (y, -100)))  # (rows, L)
+    key = (rows, L, C, tuple(p.data_ptr() for p in params.values()))
+    if key not in graphs:
+        book = _LinearBookkeeping({id(p): n for n, p in params.items()}, 1)
+        with torch.no_grad(), step.autocast(x.device), book:
+            model(x[:1])  # which path: a trainable tensor used beyond a linear weight cannot take the graph
+        graphs[key] = None if book.other else capture_dp_micro(model, params, x.clone(), y.clone(), C,
+                                                                 graphs.setdefault("pool", []))
+    if graphs[key] is None:
+        with step.autocast(x.device):
+            return clip_per_example(per_example_grads(model, params, x, y), C)
+    graph, sx, sy, out = graphs[key]
+    sx.copy_(x)
+    sy.copy_(y)
+    graph.replay()
+    return out  # overwritten by the next replay: the caller adds it up first
+
+
+def capture_dp_micro(model, params, sx, sy, C, pool):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), step.autocast(sx.device):  # warm-up: cuBLAS workspaces
+        clip_per_example(per_example_grads(model, params, sx, sy), C)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool[0] if pool else None), step.autocast(sx.device):
+        out = clip_per_example(per_example_grads(model, params, sx, sy), C)
+    pool[:] = [graph.pool()]
+    return graph, sx, sy, out
 
 
 def per_example_grads_vmap(model, params, x, y):
@@ -497,9 +548,7 @@ def local_train(model, cfg: FedConfig, seqs, shard, steps, seed, pad_id, dp=None
             T = max(x.shape[1] for x, _, _ in rows)
             x = torch.cat([F.pad(x, (0, T - x.shape[1]), value=pad_id) for x, _, _ in rows]).to(dev)  # (N, T)
             y = torch.cat([F.pad(y, (0, T - y.shape[1]), value=-100) for _, y, _ in rows]).to(dev)  # (N, T)
-            with step.autocast(dev):
-                g = per_example_grads(model, params, x, y)  # {name: (N, *shape)}
-            for n, v in clip_per_example(g, cfg.dp_clip).items():
+            for n, v in dp_micro(model, params, x, y, cfg.dp_clip, micro).items():
                 summed[n] += v.float()
         for n, v in noisy_mean(summed, sigma, cfg.dp_clip, q * len(shard), gen).items():
             params[n].grad = v.to(params[n].dtype)

@@ -671,8 +671,8 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
     strings excluded). Prompts are left-padded; padding is masked out and positions start at 0 for every prompt,
     so each row computes exactly what it would alone. Greedy unless temperature > 0. Decode steps have fixed
     shapes and run as a CUDA graph on GPU. Rows that finished are dropped from the batch once they are half of it;
-    stop strings are looked for every `stop_every` steps (a token never depends on later ones, so the result is
-    the same as checking at every step)."""
+    EOS and stop strings are looked for every `stop_every` steps, one chunk behind the GPU (a token never depends
+    on later ones, so the result is the same as checking at every step)."""
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if model.cfg.sliding_window and P + max_new_tokens > model.cfg.sliding_window:
@@ -697,7 +697,23 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
     next_pos, graph = pos[:, -1:] + 1, None  # (B, 1)
     use_graph = cuda_graph and device.type == "cuda"
     toks = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)  # (rows, steps): what each row drew
-    seen = 0  # toks[:, :seen] have been read on the host
+    seen, pending = 0, []  # toks[:, :seen] are on their way to the host: [(rows then, host copy, copy done)]
+
+    def read(rows_then, host, copied):  # one chunk of tokens on the host: ends rows at EOS or a stop string
+        if copied is not None:
+            copied.synchronize()
+        for b, new in zip(rows_then, host.tolist()):
+            for tok in new:
+                if done[b]:
+                    break
+                done[b] = tok in eos
+                out[b] += [] if done[b] else [tok]
+        for b in rows_then if stop else []:
+            if not done[b] and has_stop(b):
+                done[b] = True
+                while any(s in tokenizer.decode(out[b]) for s in stop):
+                    out[b].pop()  # drop the tokens that complete the stop string (and any after it)
+
     for t in range(max_new_tokens):
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
@@ -709,21 +725,18 @@ def generate(model, prompts, max_new_tokens, eos_id=None, stop=(), tokenizer=Non
         else:
             nxt = logits.argmax(-1)  # (rows,)
         toks[:, t] = nxt
-        # the host reads the tokens only every stop_every steps (each read waits for the GPU); a row that ends in
-        # between computes a few more tokens, which are dropped: the result is the same
+        # every stop_every steps the tokens drawn since the last time start their copy to the host, and the host
+        # reads the chunk before, whose copy has had stop_every decode steps to arrive: the GPU never waits for
+        # the host's checks. A row that ended computes up to 2 * stop_every tokens more, which are dropped.
         if (t + 1) % stop_every == 0 or t + 1 == max_new_tokens:
-            for b, new in zip(rows, toks[:, seen:t + 1].tolist()):
-                for tok in new:
-                    if done[b]:
-                        break
-                    done[b] = tok in eos
-                    out[b] += [] if done[b] else [tok]
+            host = toks[:, seen:t + 1].to("cpu", non_blocking=True)  # (rows, stop_every), pinned on a GPU
+            copied = torch.cuda.Event() if device.type == "cuda" else None
+            if copied is not None:
+                copied.record()
+            pending.append((rows, host, copied))
             seen = t + 1
-            for b in rows if stop else []:
-                if not done[b] and has_stop(b):
-                    done[b] = True
-                    while any(s in tokenizer.decode(out[b]) for s in stop):
-                        out[b].pop()  # drop the tokens that complete the stop string (and any after it)
+            while len(pending) > (1 if t + 1 < max_new_tokens else 0):
+                read(*pending.pop(0))
             keep = [j for j, b in enumerate(rows) if not done[b]]
             if not keep:
                 break

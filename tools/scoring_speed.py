@@ -1,7 +1,8 @@
 """GSM8K scoring speed on a GPU: all test problems, greedy, 256 new tokens, eval.py's default batch (as many as fit),
 for several values of model.SPAN_STEP (how far past the current slot a decode step reads the KV cache; 10**6 reads
 all of it, as generate did before spans). With ADAPTER_RUN_DIR the fine-tuned model is scored as train.py scores it
-(adapter unmerged, bf16 autocast). A warm-up of 64 problems first; each variant runs once.
+(adapter unmerged, bf16 autocast). A warm-up of 64 problems first; each variant runs once; then one run under
+torch.profiler, whose kernel table (the 15 costliest kernels) goes in the JSON.
 
     python tools/scoring_speed.py OUT.json MODEL_DIR GSM8K_TEST.jsonl [ADAPTER_RUN_DIR]
 """
@@ -27,4 +28,18 @@ for span in (10 ** 6, 128, 64, 32):
     res["variants"][str(span)] = {k: s[k] for k in ("wall_s", "tok_s", "generated_tokens", "accuracy",
                                                     "invalid_rate", "batch_size")}
     print(span, res["variants"][str(span)], flush=True)
+model_mod.SPAN_STEP = 64  # then one run under torch.profiler: where the GPU's time goes (kernels, graphs included)
+from torch.profiler import ProfilerActivity, profile
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 0, 256, desc="profiled")
+kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+by = {}
+for e in kern:
+    by.setdefault(e.name[:90], [0, 0.0])
+    by[e.name[:90]][0] += 1
+    by[e.name[:90]][1] += e.time_range.elapsed_us() / 1e3
+res["profile"] = dict(kernel_ms=round(sum(v[1] for v in by.values()), 1), kernels=sum(v[0] for v in by.values()),
+                      top=[dict(name=k, n=n, ms=round(ms, 1)) for k, (n, ms) in
+                           sorted(by.items(), key=lambda kv: -kv[1][1])[:15]])
+print(json.dumps(res["profile"], indent=1))
 json.dump(res, open(out_path, "w"), indent=1)
