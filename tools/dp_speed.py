@@ -1,14 +1,14 @@
 """DP-SGD throughput of fed.py's private local training (per-example gradients, clipping, noise): examples per
 second over a few logical batches, SmolLM2-135M-Instruct with LoRA r16 on real GSM8K examples. PATH: book (fed.py's
 per_example_grads, the default) or vmap (per_example_grads_vmap, the torch.func path it falls back to); DEVICE:
-cuda (the default) or cpu.
+cuda (the default) or cpu. MODEL_DIR may hold only config.json and the tokenizer: random weights of that shape.
 
     python tools/dp_speed.py OUT.json MODEL_DIR GSM8K_TRAIN.jsonl [PATH] [DEVICE]
 """
 import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch, cli, data, fed, runs
-from model import Llama, Tokenizer
+from model import Llama, ModelConfig, Tokenizer
 path, dev = (sys.argv[4:] + ["book"])[0], (sys.argv[5:] + ["cuda"])[0]
 cli.device(dev)
 if path == "vmap":
@@ -16,14 +16,19 @@ if path == "vmap":
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 tok = Tokenizer.from_pretrained(sys.argv[2])
 seqs, _ = data.tokenize(data.load_examples(sys.argv[3])[:512], tok, data.TEMPLATE, 512)
-model = Llama.from_pretrained(sys.argv[2], device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+if os.path.exists(os.path.join(sys.argv[2], "model.safetensors")):
+    model = Llama.from_pretrained(sys.argv[2], device=dev, dtype=dtype)
+else:  # a folder with only config.json and the tokenizer: random weights of that shape (speed does not need more)
+    cfg_hf = json.load(open(os.path.join(sys.argv[2], "config.json")))
+    model = Llama(ModelConfig.from_hf(cfg_hf)).init_weights(seed=0).to(dev, dtype).requires_grad_(False)
 runs.METHODS["lora"].apply(model, runs.METHODS["lora"].Config())
 cfg = fed.FedConfig(batch_size=32, micro_batch_size=16, lr=2e-4, max_len=512, dp_seed=0)
 shard = list(range(512))
 q = 32 / 512
-fed.local_train(model, cfg, seqs, shard, 1, 0, tok.pad_id, dp=(1.0, q))  # warm-up
+fed.local_train(model, cfg, seqs, shard, 4, 0, tok.pad_id, dp=(1.0, q))  # warm-up (and CUDA-graph captures)
 sync()
-t, steps = time.time(), 3
+t, steps = time.time(), 12
 fed.local_train(model, cfg, seqs, shard, steps, 1, tok.pad_id, dp=(1.0, q))
 sync()
 res = dict(path=path, device=dev, logical_batch=32, micro=16, torch=torch.__version__,
