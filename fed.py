@@ -279,16 +279,27 @@ def dp_epsilon(sigma, q, steps, delta, accountant="rdp"):
 
 
 def dp_sigma(epsilon, q, steps, delta, accountant="rdp"):
-    """The smallest noise multiplier whose epsilon is <= the target (bisection to 1e-6 relative; epsilon falls as
-    sigma grows)."""
-    lo, hi = 0.1, 1.0
-    while dp_epsilon(hi, q, steps, delta, accountant) > epsilon:
-        lo, hi = hi, 2 * hi
+    """The smallest noise multiplier whose epsilon is <= the target, to 1e-6 relative. epsilon falls as sigma grows,
+    and log epsilon is nearly linear in log sigma, so the bracket shrinks by interpolation (the Illinois variant of
+    regula falsi: about 8 accountant evaluations where bisection takes 20, at up to 0.3 s each) with bisection
+    wherever an end's epsilon is not finite."""
+    f = lambda s: math.log(dp_epsilon(s, q, steps, delta, accountant) / epsilon)  # > 0: too little noise
+    lo, hi, flo, fhi = 0.1, 1.0, math.inf, f(1.0)
+    while fhi > 0:
+        lo, hi, flo, fhi = hi, 2 * hi, fhi, f(2 * hi)
         if hi > 1e4:
             raise UserError(f"epsilon {epsilon} is out of reach for q={q:.3g}, {steps} steps")
+    kept = 0  # +1: lo was kept last time, -1: hi was
     while hi - lo > 1e-6 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if dp_epsilon(mid, q, steps, delta, accountant) > epsilon else (lo, mid)
+        x = hi - fhi * (hi - lo) / (fhi - flo) if math.isfinite(flo) and flo > fhi else (lo + hi) / 2
+        mid = min(max(x, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))  # strictly inside the bracket
+        fm = f(mid)
+        if fm > 0:  # too little noise: the root is above mid
+            lo, flo = mid, fm
+            fhi, kept = (fhi / 2 if kept == -1 else fhi), -1
+        else:
+            hi, fhi = mid, fm
+            flo, kept = (flo / 2 if kept == 1 else flo), 1
     return hi
 
 
