@@ -283,7 +283,7 @@ def dp_sigma(epsilon, q, steps, delta, accountant="rdp"):
     and log epsilon is nearly linear in log sigma, so the bracket shrinks by interpolation (the Illinois variant of
     regula falsi: about 8 accountant evaluations where bisection takes 20, at up to 0.3 s each) with bisection
     wherever an end's epsilon is not finite."""
-    f = lambda s: math.log(dp_epsilon(s, q, steps, delta, accountant) / epsilon)  # > 0: too little noise
+    f = lambda s: math.log(max(dp_epsilon(s, q, steps, delta, accountant), 1e-300) / epsilon)  # > 0: too little noise
     lo, hi, flo, fhi = 0.1, 1.0, math.inf, f(1.0)
     while fhi > 0:
         lo, hi, flo, fhi = hi, 2 * hi, fhi, f(2 * hi)
@@ -455,14 +455,20 @@ class _PerRowLinear(torch.autograd.Function):
 
 
 def dp_micro(model, params, x, y, C, rows):
-    """{name: the sum over the rows of x (N <= rows, T) of each row's gradient clipped to norm C}, under the
-    training's precision policy. On a GPU, when every trainable tensor is a linear weight, it runs as a CUDA graph
+    """{name: the sum over the rows of x (N <= rows, T) of each row's gradient clipped to norm C, fp32}: the
+    gradients under the training's precision policy, the clipping and the sum in fp32 (under autocast the einsum
+    would run in bf16). On a GPU, when every trainable tensor is a linear weight, it runs as a CUDA graph
     (graphed_dp_micro): eager, this step is bound by launching its thousands of small kernels (and by the
     book-keeping's Python), not by the GPU."""
     if x.device.type == "cuda":
         return graphed_dp_micro(model, params, x, y, C, rows)
+    return clipped_sum(model, params, x, y, C)
+
+
+def clipped_sum(model, params, x, y, C):
     with step.autocast(x.device):
-        return clip_per_example(per_example_grads(model, params, x, y), C)
+        g = per_example_grads(model, params, x, y)  # {name: (N, *shape)} fp32
+    return clip_per_example(g, C)
 
 
 def graphed_dp_micro(model, params, x, y, C, rows, multiple=64):
@@ -473,20 +479,19 @@ def graphed_dp_micro(model, params, x, y, C, rows, multiple=64):
     graphs = model.__dict__.setdefault("_dp_graphs", {})
     N, T = x.shape
     L = -(-T // multiple) * multiple
-    x, y = (F.pad(t, (0, L - T, 0, rows - N), value=v) for t, v in ((x, 0), (y, -100)))  # (rows, L)
-    key = (rows, L, C, tuple(p.data_ptr() for p in params.values()))
+    px, py = (F.pad(t, (0, L - T, 0, rows - N), value=v) for t, v in ((x, 0), (y, -100)))  # (rows, L)
+    key = (rows, L, C, model.training, tuple(p.data_ptr() for p in params.values()))
     if key not in graphs:
         book = _LinearBookkeeping({id(p): n for n, p in params.items()}, 1)
         with torch.no_grad(), step.autocast(x.device), book:
             model(x[:1])  # which path: a trainable tensor used beyond a linear weight cannot take the graph
-        graphs[key] = None if book.other else capture_dp_micro(model, params, x.clone(), y.clone(), C,
+        graphs[key] = None if book.other else capture_dp_micro(model, params, px.clone(), py.clone(), C,
                                                                  graphs.setdefault("pool", []))
-    if graphs[key] is None:
-        with step.autocast(x.device):
-            return clip_per_example(per_example_grads(model, params, x, y), C)
+    if graphs[key] is None:  # the eager path, on the rows as given (torch.func's path has no padding rows)
+        return clipped_sum(model, params, x, y, C)
     graph, sx, sy, out = graphs[key]
-    sx.copy_(x)
-    sy.copy_(y)
+    sx.copy_(px)
+    sy.copy_(py)
     graph.replay()
     return out  # overwritten by the next replay: the caller adds it up first
 
@@ -494,12 +499,12 @@ def graphed_dp_micro(model, params, x, y, C, rows, multiple=64):
 def capture_dp_micro(model, params, sx, sy, C, pool):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), step.autocast(sx.device):  # warm-up: cuBLAS workspaces
-        clip_per_example(per_example_grads(model, params, sx, sy), C)
+    with torch.cuda.stream(side):  # warm-up: cuBLAS workspaces
+        clipped_sum(model, params, sx, sy, C)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool[0] if pool else None), step.autocast(sx.device):
-        out = clip_per_example(per_example_grads(model, params, sx, sy), C)
+    with torch.cuda.graph(graph, pool=pool[0] if pool else None):
+        out = clipped_sum(model, params, sx, sy, C)
     pool[:] = [graph.pool()]
     return graph, sx, sy, out
 
@@ -511,7 +516,7 @@ def per_example_grads_vmap(model, params, x, y):
 
     def loss(p, xi, yi):
         logits = functional_call(model, p, (xi[None],))[0][0].float()  # (1, T, V) -> (T, V)
-        return F.cross_entropy(logits, yi, ignore_index=-100, reduction="sum") / (yi != -100).sum()
+        return F.cross_entropy(logits, yi, ignore_index=-100, reduction="sum") / (yi != -100).sum().clamp(min=1)
     return vmap(grad(loss), in_dims=(None, 0, 0))({n: p.detach() for n, p in params.items()}, x, y)
 
 

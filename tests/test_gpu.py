@@ -258,12 +258,14 @@ def test_graphed_dp_micro_on_cuda():
     y[1, 40:] = -100  # a shorter row
     for _ in range(2):  # the capture, then a replay after the adapter changed in place
         with step.autocast(DEV):
-            ref = fed.clip_per_example(fed.per_example_grads(model, params, x, y), 0.05)
+            g = fed.per_example_grads(model, params, x, y)
+        ref = fed.clip_per_example(g, 0.05)  # clipped and summed in fp32, outside autocast
         got = fed.dp_micro(model, params, x, y, 0.05, rows=4)
         for n in params:
+            assert got[n].dtype == torch.float32, n
             # bf16 kernels at another padded shape round differently (~1%); a lost or wrong row is off by ~100%
             assert (got[n].float() - ref[n].float()).norm() <= 0.03 * ref[n].float().norm() + 1e-8, n
-        key = (4, 64, 0.05, tuple(p.data_ptr() for p in params.values()))  # one graph: rows 4, length 64
+        key = (4, 64, 0.05, False, tuple(p.data_ptr() for p in params.values()))  # one graph: 4 rows of 64, eval
         assert list(model.__dict__["_dp_graphs"]) == ["pool", key]
         with torch.no_grad():
             for p in params.values():
