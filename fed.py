@@ -528,9 +528,14 @@ def clip_per_example(g, C):
 
 
 def noisy_mean(summed, sigma, C, expected_batch, gen):
-    """(sum of clipped gradients + N(0, (sigma C)^2)) / expected batch: one draw per logical batch."""
-    return {n: (v + sigma * C * torch.randn(v.shape, generator=gen).to(v.device, v.dtype)) / expected_batch
-            for n, v in summed.items()}
+    """(sum of clipped gradients + N(0, (sigma C)^2)) / expected batch: one draw per logical batch, for every tensor
+    at once from the CPU generator `gen` (seeded from the OS), then one copy to the device, not one per tensor."""
+    sizes = [v.numel() for v in summed.values()]
+    z = torch.randn(sum(sizes), generator=gen)  # (total,)
+    dev = next(iter(summed.values())).device
+    z = z.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else z
+    return {n: (v + sigma * C * zi.view(v.shape).to(v.dtype)) / expected_batch
+            for (n, v), zi in zip(summed.items(), z.split(sizes))}
 
 
 # -----------------------------------------------------------------------------

@@ -306,6 +306,9 @@ def test_per_example_grads_clipping_and_noise(method, monkeypatch):
     zeros = {"w": torch.zeros(200_000)}
     noisy = fed.noisy_mean(zeros, sigma=1.5, C=0.1, expected_batch=8, gen=torch.Generator().manual_seed(0))
     assert noisy["w"].std().item() == pytest.approx(1.5 * 0.1 / 8, rel=0.02)
+    two = fed.noisy_mean({"a": torch.zeros(3, 500), "b": torch.zeros(1000)}, 1.5, 0.1, 8, torch.Generator())
+    a, b = two["a"].flatten()[:1000], two["b"]  # one draw for both tensors: each gets its own part of it
+    assert two["a"].shape == (3, 500) and abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.15
 
 
 def test_private_round_touches_only_trainable_tensors(tmp_path, tiny_dir, gsm_file):
