@@ -644,9 +644,10 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # generation
 
-# A decode step reads the cache up to a multiple of SPAN_STEP slots past the one it writes, not all of it: the
-# keys and values are most of a step's memory traffic at large batches, and a step reading P + 256 slots when only
-# P + 1 are filled does up to twice the work. Each span is its own CUDA graph (a few per generate call).
+# A decode step reads the cache up to a multiple of SPAN_STEP slots past the one it writes, not all of it: at large
+# batches the keys and values are most of a step's memory traffic, and reading P + 256 slots when only P + 1 are
+# filled is wasted. Each span is its own CUDA graph (a few per generate call). Measured on all of GSM8K test
+# (README, "Speed"): a small gain, 3.18 s against 3.24 s for reading the whole cache, within run-to-run noise.
 SPAN_STEP = 64
 
 def capture_decode(model, cache, tok, pos):
