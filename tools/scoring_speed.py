@@ -8,10 +8,11 @@ torch.profiler, whose kernel table (the 15 costliest kernels) goes in the JSON.
 """
 import json, os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch, eval as ev, model as model_mod, runs
+import torch, cli, eval as ev, model as model_mod, runs
 from model import Llama, Tokenizer
 out_path, model_dir, test = sys.argv[1:4]
 adapter = runs.load_adapter(sys.argv[4]) if len(sys.argv) > 4 else None
+cli.device("cuda")  # as eval.py and train.py set it up (SDPA's cuDNN backend off)
 tok = Tokenizer.from_pretrained(model_dir)
 model = Llama.from_pretrained(model_dir, device="cuda", dtype=torch.bfloat16)
 if adapter:
