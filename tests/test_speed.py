@@ -199,6 +199,23 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert "DP-SGD, epsilon 3 per client" in text and "Fed-SB dominates fedex (the paper's bytes)" in text
 
 
+def test_fed_dominance_verdicts():
+    """Claim 5's verdict per strategy from seeds: a point is beaten only by a Fed-SB point with no more bytes whose
+    loss is lower by Welch's t; a point no Fed-SB point is as cheap as is missed; a tie within noise is neither."""
+    results = script("results")
+
+    def recs(name, strategy, b, losses):
+        return [dict(name=name, strategy=strategy, eps="inf", seed=s, bytes=b, paper_bytes=b, val_loss=v)
+                for s, v in enumerate(losses)]
+    sb = recs("fed-sb-r32", "sb", 10, [1.0, 1.01, 0.99])
+    lines = "\n".join(results.fed_report(sb + recs("fed-fedit-r4", "fedit", 20, [1.2, 1.21, 1.19]) +
+                                         recs("fed-fedex-r4", "fedex", 20, [1.0, 1.02, 0.985]) +
+                                         recs("fed-ffa-r4", "ffa", 5, [1.5, 1.5, 1.5])))
+    assert "Fed-SB dominates fedit (fed.py's bytes): **holds** (of its 1 points, 1 beaten and 0 missed" in lines
+    assert "Fed-SB dominates fedex (fed.py's bytes): **inconclusive** (of its 1 points, 0 beaten and 0 missed" in lines
+    assert "Fed-SB dominates ffa (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
+
+
 def test_sweep_extends_past_an_edge(monkeypatch):
     """The lr grid grows beyond whichever edge holds the best held-out loss, at the grid's ratio, until the best is
     inside it, a run diverges, or --lr_extend runs out (a fake run: loss = (log4(lr) - log4(best))^2)."""
