@@ -413,6 +413,13 @@ def report(results_dir, path, merged_json=""):
             lines.append(f"- {claim}: not run yet")
     fit = {n: [sum(v for _, v in r["train_curve"][-5:]) / len(r["train_curve"][-5:]) for r in rs]
            for n, rs in by.items() if all(r.get("train_curve") for r in rs)}  # each seed's last 5 logged losses
+    for bone in ("bone", "bone-shared"):  # claim 3's first half: the pace (held-out loss a quarter into the epoch)
+        if bone in by and "lora" in by and len(by[bone]) > 1 and len(by["lora"]) > 1:
+            at = next(s for s, _ in by["lora"][0]["curve"] if s >= by["lora"][0]["steps"] // 4)  # a logged step
+            early = {n: [dict(r["curve"]).get(at) for r in by[n]] for n in (bone, "lora")}
+            if None not in early[bone] + early["lora"]:
+                lines.append("- " + verdict(early[bone], early["lora"], f"{bone} converges faster than LoRA "
+                                            f"(held-out loss at step {at} of {by['lora'][0]['steps']})"))
     for bone in ("bone", "bone-shared"):  # claim 3's other half: the training fit
         if bone in fit and "lora" in fit and len(fit[bone]) > 1 and len(fit["lora"]) > 1:
             lines.append("- " + verdict(fit[bone], fit["lora"], f"{bone} fits the training data better than LoRA "

@@ -216,6 +216,25 @@ def test_fed_dominance_verdicts():
     assert "Fed-SB dominates ffa (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
 
 
+def test_bone_pace_verdict(tmp_path):
+    """Claim 3's pace: Bone's held-out loss a quarter into the epoch against LoRA's, by Welch's t over the seeds,
+    from records alone (each a copy of a committed record with its curve replaced)."""
+    results = script("results")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = json.load(open(os.path.join(root, "results", "evidence", "seeds", "lora_lr0.0032_s1.json")))
+    os.makedirs(tmp_path / "seeds")
+    for name, early in (("lora", (0.95, 0.951, 0.949)), ("bone", (0.90, 0.902, 0.899)),
+                        ("bone-shared", (0.95, 0.96, 0.94))):
+        for seed, v in enumerate(early):
+            curve = [[s, 1.0 if s < 100 else v if s < 200 else 0.8] for s in range(0, 453, 25)]
+            rec = dict(base, name=name, method=name.split("-")[0], seed=seed, curve=curve, steps=452)
+            json.dump(rec, open(tmp_path / "seeds" / f"{name}_s{seed}.json", "w"))
+    results.report(str(tmp_path), str(tmp_path / "RESULTS.md"))
+    text = open(tmp_path / "RESULTS.md").read()
+    assert "- bone converges faster than LoRA (held-out loss at step 125 of 452): **holds**" in text
+    assert "- bone-shared converges faster than LoRA (held-out loss at step 125 of 452): **inconclusive**" in text
+
+
 def test_sweep_extends_past_an_edge(monkeypatch):
     """The lr grid grows beyond whichever edge holds the best held-out loss, at the grid's ratio, until the best is
     inside it, a run diverges, or --lr_extend runs out (a fake run: loss = (log4(lr) - log4(best))^2)."""
