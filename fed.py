@@ -36,7 +36,7 @@ Private mode (--dp_epsilon E, a target epsilon > 0; inf, the default, trains wit
 at the record level, on the trainable tensors only: Poisson-sampled batches, per-example gradients (one batched
 backward, book-keeping; torch.func where that cannot apply), one joint L2 clip to C, N(0, (sigma C)^2) added once
 per logical batch, divided by the expected batch size. sigma is
-found for the target epsilon over all rounds by bisection over Opacus's RDP (or PRV) accountant of the subsampled
+found for the target epsilon over all rounds by a bracketing root search (dp_sigma) over Opacus's RDP (or PRV) accountant of the subsampled
 Gaussian, at delta = min(1e-5, n^-1.1) for a client of n examples (below the common bound 1/n) unless --dp_delta
 is given. The sampling and the noise come from a generator seeded with 64 bits of the OS's entropy, fresh per
 client and round: noise that anyone could regenerate from the run's --seed would protect nothing (--dp_seed makes
@@ -466,6 +466,7 @@ def dp_micro(model, params, x, y, C, rows):
 
 
 def clipped_sum(model, params, x, y, C):
+    """dp_micro's eager path: per-example gradients under the policy's autocast, clipped and summed in fp32."""
     with step.autocast(x.device):
         g = per_example_grads(model, params, x, y)  # {name: (N, *shape)} fp32
     return clip_per_example(g, C)
