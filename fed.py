@@ -38,7 +38,8 @@ backward, book-keeping; torch.func where that cannot apply), one joint L2 clip t
 per logical batch, divided by the expected batch size. sigma is found for the target epsilon over all rounds by a
 bracketing root search (dp_sigma) over Opacus's RDP (or PRV) accountant of the subsampled Gaussian, at
 delta = min(1e-5, n^-1.1) for a client of n examples (below the common bound 1/n) unless --dp_delta is given.
-The sampling and the noise come from a generator seeded with 64 bits of the OS's entropy, fresh per client and round: noise that anyone could regenerate from the run's --seed would protect nothing (--dp_seed makes
+The sampling and the noise come from a generator seeded with 64 bits of the OS's entropy, fresh per client and
+round: noise that anyone could regenerate from the run's --seed would protect nothing (--dp_seed makes
 it reproducible, for tests only, and says so). The accountant's history (sigma, q, steps of each round a client
 trained) is saved with the run; a resumed run keeps its sigma, reports the epsilon of its whole history, and
 refuses settings that would exceed the target or change its terms. Fed-SB helps here: noise on R enters W as
