@@ -403,9 +403,11 @@ def per_example_grads(model, params, x, y):
         logits = model(x)[0]  # (N, T, V)
     if seen.other:  # a trainable tensor not (only) a linear weight: the generic path
         return per_example_grads_vmap(model, params, x, y)
-    loss = sum(F.cross_entropy(logits[i].float(), y[i], ignore_index=-100, reduction="sum") /
-               (y[i] != -100).sum().clamp(min=1)  # a row of padding alone (graphed_dp_micro) has no targets: 0
-               for i in range(x.shape[0]))  # the rows' mean losses, summed: row i's gradient is its own
+    N, T = y.shape
+    tok = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="none")  # (N*T,)
+    # the rows' mean losses, summed: row i's gradient is its own (one loss over all rows: indexing logits[i] row by
+    # row made each row's backward fill and add a zero tensor of all the logits' size, N times)
+    loss = (tok.view(N, T).sum(1) / (y != -100).sum(1).clamp(min=1)).sum()  # a row of padding alone: 0
     loss.backward(inputs=list(params.values()))  # the layers' backward fills seen.grads; P.grad stays untouched
     return {n: seen.grads.get(n, torch.zeros((x.shape[0], *p.shape), device=p.device)) for n, p in params.items()}
 
