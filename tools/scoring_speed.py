@@ -2,7 +2,9 @@
 for several values of model.SPAN_STEP (how far past the current slot a decode step reads the KV cache; 10**6 reads
 all of it, as generate did before spans). With ADAPTER_RUN_DIR the fine-tuned model is scored as train.py scores it
 (adapter unmerged, bf16 autocast). A warm-up of 64 problems first; each variant runs once; then one run under
-torch.profiler, whose kernel table (the 15 costliest kernels) goes in the JSON.
+torch.profiler, whose kernel table (the 15 costliest kernels) goes in the JSON. Environment: SPANS (comma-separated,
+default 1000000,128,64,32), REPEAT (runs of each, default 1: their walls and median are recorded), PROFILE=0 (no
+profiled run).
 
     python tools/scoring_speed.py OUT.json MODEL_DIR GSM8K_TEST.jsonl [ADAPTER_RUN_DIR]
 """
@@ -23,12 +25,19 @@ rows = ev.load_gsm8k(test)
 ev.run_eval(model.eval(), tok, rows[:64], ev.TEMPLATE, ev.SUFFIX, 0, 256, desc="warm-up")
 res = dict(model=model_dir, adapter=sys.argv[4] if adapter else None, gpu=torch.cuda.get_device_name(),
            torch=torch.__version__, variants={})
-for span in (10 ** 6, 128, 64, 32):
+for span in [int(x) for x in os.environ.get("SPANS", "1000000,128,64,32").split(",")]:
     model_mod.SPAN_STEP = span
-    _, s = ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 0, 256, desc=f"span {span}")
+    walls = []
+    for _ in range(int(os.environ.get("REPEAT", "1"))):
+        _, s = ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 0, 256, desc=f"span {span}")
+        walls.append(round(s["wall_s"], 3))
     res["variants"][str(span)] = {k: s[k] for k in ("wall_s", "tok_s", "generated_tokens", "accuracy",
                                                     "invalid_rate", "batch_size")}
+    res["variants"][str(span)].update(walls=walls, median_wall_s=sorted(walls)[len(walls) // 2])
     print(span, res["variants"][str(span)], flush=True)
+if os.environ.get("PROFILE", "1") == "0":
+    json.dump(res, open(out_path, "w"), indent=1)
+    sys.exit()
 model_mod.SPAN_STEP = 64  # then one run under torch.profiler: where the GPU's time goes (kernels, graphs included)
 from torch.profiler import ProfilerActivity, profile
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
