@@ -450,8 +450,10 @@ class _PerRowLinear(torch.autograd.Function):
         a_, P_ = ctx.saved_tensors
         n, grads = ctx.book.rows, ctx.book.grads
         ga = (g.to(P_.dtype) @ P_).to(ctx.a_dtype)  # (..., d_in)
-        per_row = torch.einsum("ntm,ntk->nmk", g.reshape(n, -1, g.shape[-1]).float(),
-                               a_.reshape(n, -1, a_.shape[-1]).float())  # (N, d_out, d_in)
+        with torch.autocast(g.device.type, enabled=False):  # the backward runs under the forward's autocast,
+            # which would take this einsum in bf16: the per-row gradients are fp32, as the policy's gradients are
+            per_row = torch.einsum("ntm,ntk->nmk", g.reshape(n, -1, g.shape[-1]).float(),
+                                   a_.reshape(n, -1, a_.shape[-1]).float())  # (N, d_out, d_in)
         grads[ctx.name] = grads[ctx.name] + per_row if ctx.name in grads else per_row  # a weight used twice: summed
         return ga, None, None, None
 

@@ -311,6 +311,26 @@ def test_per_example_grads_clipping_and_noise(method, monkeypatch):
     assert two["a"].shape == (3, 500) and abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.15
 
 
+def test_per_example_grads_are_fp32_under_autocast():
+    """Under the policy's bf16 autocast (the backward runs under the forward's autocast), each row's gradient is
+    still fp32 and equals the fp32 model's to bf16's rounding of the forward, not bf16's rounding of the result."""
+    model = adapted("fedit")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05, generator=g)
+    params = fed.trainable(model)
+    x = torch.randint(0, 128, (3, 12), generator=g)
+    y = x.roll(-1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pe = fed.per_example_grads(model, params, x, y)
+    assert all(v.dtype == torch.float32 for v in pe.values())
+    ref = fed.per_example_grads(model, params, x, y)  # fp32 throughout
+    for k in params:
+        assert (pe[k] - ref[k]).norm() <= 0.05 * ref[k].norm(), k
+
+
 def test_private_round_touches_only_trainable_tensors(tmp_path, tiny_dir, gsm_file):
     pytest.importorskip("opacus")
     model = Llama.from_pretrained(tiny_dir, dtype=torch.float32)

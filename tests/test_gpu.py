@@ -259,6 +259,7 @@ def test_graphed_dp_micro_on_cuda():
     for _ in range(2):  # the capture, then a replay after the adapter changed in place
         with step.autocast(DEV):
             g = fed.per_example_grads(model, params, x, y)
+        assert all(v.dtype == torch.float32 for v in g.values())  # per-row gradients in fp32 under autocast too
         ref = fed.clip_per_example(g, 0.05)  # clipped and summed in fp32, outside autocast
         got = fed.dp_micro(model, params, x, y, 0.05, rows=4)
         for n in params:
