@@ -83,7 +83,8 @@ class Linear(nn.Linear):
 
     def delta(self, x):
         """The adapter's output s B R A x."""
-        return self.scale * F.linear(F.linear(F.linear(x, self.lora_A), self.lora_R), self.lora_B)  # x -> r -> r -> d_out
+        d = F.linear(F.linear(F.linear(x, self.lora_A), self.lora_R), self.lora_B)  # x -> r -> r -> d_out
+        return d if self.scale == 1 else self.scale * d  # s = 1 (LoRA-SB, LoRA-XS's default): no kernel for it
 
     def forward(self, x):
         return adapted_linear(x, self.weight, self.bias, self.delta(x))  # delta added inside the base GEMM
