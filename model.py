@@ -165,6 +165,8 @@ class Attention(nn.Module):
             y = FlashVarlen.apply(q, k, v, mask, T)  # (B*T, nh, hd)
             return self.o_proj(y.view(B, T, self.nh * self.hd))
         elif T == 1:  # decode: group the query heads of each kv head instead of copying the whole cache per head
+            if mask.dtype == torch.bool:  # one query but not a decode step (a prefill chunk of one token): 0 / -inf
+                mask = torch.zeros(mask.shape, device=x.device).masked_fill_(~mask, float("-inf"))
             qg = q.view(B, self.nkv, self.nh // self.nkv, self.hd)  # (B, nkv, rep, hd)
             # mask is fp32 0 / -inf here: one kernel adds it to the scaled scores and casts them to fp32
             att = torch.add(mask, qg @ k.transpose(-1, -2), alpha=1 / math.sqrt(self.hd))  # (B, nkv, rep, L) fp32

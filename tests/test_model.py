@@ -122,6 +122,22 @@ def test_batched_generation_equals_one_by_one():
     assert generate(model, prompts[::-1], 24, eos_id=eos) == one[::-1]
 
 
+def test_prefill_in_chunks_equals_one_prefill():
+    """The KV cache takes a prompt in chunks (the last one a single token) with the logits of one prefill, left
+    padding masked out in each chunk."""
+    model = tiny_model()
+    idx = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :4] = False  # the second prompt is left-padded by 4
+    pos = (valid[:, :9].long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        one = model(idx, pos=pos, cache=model_mod.KVCache(model.cfg, valid, torch.float32))[0]
+        cache = model_mod.KVCache(model.cfg, valid, torch.float32)
+        for a, b in ((0, 5), (5, 8), (8, 9)):
+            out = model(idx[:, a:b], pos=pos[:, a:b], cache=cache)[0]
+    assert torch.allclose(out, one, atol=1e-5)
+
+
 def test_decoding_reads_the_cache_in_spans(monkeypatch):
     """Decode steps that read the KV cache only up to a growing span (a new one every 4 steps here) give the
     tokens of steps that read every slot."""
