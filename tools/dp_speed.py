@@ -33,7 +33,7 @@ cfg = fed.FedConfig(batch_size=32, micro_batch_size=16, lr=2e-4, max_len=512, dp
 shard = list(range(512))
 q = 32 / 512
 times = []  # one logical batch per call (each call a fresh AdamW, as each client's round has)
-for i in range(int(os.environ.get("BATCHES", "20"))):
+for i in range(max(1, int(os.environ.get("BATCHES", "20")))):
     sync()
     t = time.time()
     fed.local_train(model, cfg, seqs, shard, 1, i, tok.pad_id, dp=(1.0, q))
@@ -42,7 +42,7 @@ for i in range(int(os.environ.get("BATCHES", "20"))):
 steady = sorted(times[-12:])[len(times[-12:]) // 2]  # the median of the last 12: the CUDA graphs are captured by then (most of them)
 # a client's round runs many logical batches in one local_train call (one AdamW, one copy of the result back):
 # 12 in one call, timed as a whole
-ONE_CALL = int(os.environ.get("ONE_CALL", "12"))
+ONE_CALL = max(1, int(os.environ.get("ONE_CALL", "12")))
 sync()
 t = time.time()
 fed.local_train(model, cfg, seqs, shard, ONE_CALL, 100, tok.pad_id, dp=(1.0, q))

@@ -28,7 +28,7 @@ res = dict(model=model_dir, adapter=sys.argv[4] if adapter else None, gpu=torch.
 for span in [int(x) for x in os.environ.get("SPANS", "1000000,128,64,32").split(",")]:
     model_mod.SPAN_STEP = span
     walls = []
-    for _ in range(int(os.environ.get("REPEAT", "1"))):
+    for _ in range(max(1, int(os.environ.get("REPEAT", "1")))):
         _, s = ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 0, 256, desc=f"span {span}")
         walls.append(round(s["wall_s"], 3))
     res["variants"][str(span)] = {k: s[k] for k in ("wall_s", "tok_s", "generated_tokens", "accuracy",
