@@ -130,7 +130,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 def rope(pos, inv_freq, dtype):
     """cos and sin of the rotate-half layout, sin's first half negated (apply_rope's rotation is then a roll)."""
     f = pos[..., None].float() * inv_freq  # (B, T, hd/2)
-    cos, sin = torch.cat((f.cos(), f.cos()), -1), torch.cat((-f.sin(), f.sin()), -1)  # (B, T, hd)
+    c, s = f.cos(), f.sin()
+    cos, sin = torch.cat((c, c), -1), torch.cat((-s, s), -1)  # (B, T, hd)
     return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B, 1, T, hd)
 
 
@@ -149,7 +150,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        """mask: None (plain causal), a bool mask (B, 1, T, L), for a decode step (T = 1) fp32 0 / -inf (B, 1, 1, L),
+        """mask: None (plain causal), a bool mask (B, 1, T, L), for one query per row (T = 1) fp32 0 / -inf (B, 1, 1, L),
         or for packed rows on a GPU the examples' boundaries over the flattened rows ((K + 1,) int32, doc_bounds)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
@@ -165,8 +166,6 @@ class Attention(nn.Module):
             y = FlashVarlen.apply(q, k, v, mask, T)  # (B*T, nh, hd)
             return self.o_proj(y.view(B, T, self.nh * self.hd))
         elif T == 1:  # decode: group the query heads of each kv head instead of copying the whole cache per head
-            if mask.dtype == torch.bool:  # one query but not a decode step (a prefill chunk of one token): 0 / -inf
-                mask = torch.zeros(mask.shape, device=x.device).masked_fill_(~mask, float("-inf"))
             qg = q.view(B, self.nkv, self.nh // self.nkv, self.hd)  # (B, nkv, rep, hd)
             # mask is fp32 0 / -inf here: one kernel adds it to the scaled scores and casts them to fp32
             att = torch.add(mask, qg @ k.transpose(-1, -2), alpha=1 / math.sqrt(self.hd))  # (B, nkv, rep, L) fp32
@@ -385,8 +384,7 @@ class Llama(nn.Module):
         mask = None
         if cache is not None and cache.slot is not None:  # decode step: every valid slot up to this one
             slots = torch.arange(cache.span, device=idx.device)
-            keep = cache.valid[:, None, None, :cache.span] & (slots <= cache.slot)  # (B, 1, 1, span)
-            mask = torch.zeros(keep.shape, device=idx.device).masked_fill_(~keep, float("-inf"))  # added to scores
+            mask = cache.valid[:, None, None, :cache.span] & (slots <= cache.slot)  # (B, 1, 1, span)
         elif cache is not None:  # prefill: causal over the prompt, never attending to left padding
             L = cache.len + T
             causal = torch.ones(T, L, dtype=torch.bool, device=idx.device).tril(cache.len)
@@ -405,6 +403,8 @@ class Llama(nn.Module):
             else:  # block-diagonal causal mask from where positions restart
                 doc = (pos == 0).cumsum(1)  # (B, T) example index within the row
                 mask = (doc[:, :, None] == doc[:, None, :]).tril()[:, None]  # (B, 1, T, T)
+        if T == 1 and mask is not None and mask.dtype == torch.bool:  # one query per row (a decode step): Attention
+            mask = torch.zeros(mask.shape, device=idx.device).masked_fill_(~mask, float("-inf"))  # adds it to scores
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
         cos, sin = rope(pos, self.inv_freq, dtype)
