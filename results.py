@@ -177,7 +177,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
     rname = f"{name}_lr{lr:g}_s{seed}"
     path = os.path.join(args.results_dir, stage, rname + ".json")
     if os.path.isfile(path):
-        return json.load(open(path))
+        return same_flags(json.load(open(path)), path, extra)
     test = "" if stage == "sweep" else args.test_data  # the lr is chosen on the held-out loss alone
     failed = None
     runs_dir = os.path.join(args.out_dir, stage + ("_" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
@@ -195,6 +195,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
         rec = dict(name=name, method=RUNS[name][1], lr=lr, seed=seed, val_loss=None, diverged=True)
     else:
         rec = record(runs_dir, rname, name, args.model)
+    rec["flags"] = extra
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
@@ -235,7 +236,7 @@ def fed_run(name, eps, seed, args, extra):
     rname = f"{name}_eps{eps}_s{seed}"
     path = os.path.join(args.results_dir, "fed", rname + ".json")
     if os.path.isfile(path):
-        return json.load(open(path))
+        return same_flags(json.load(open(path)), path, extra)
     out_dir = os.path.join(args.out_dir, "fed")
     if not os.path.isfile(os.path.join(out_dir, rname, "summary.json")):
         argv = FED_RUNS[name] + ["--model", args.model, "--data", args.data, "--seed", str(seed), "--out_dir", out_dir,
@@ -247,10 +248,20 @@ def fed_run(name, eps, seed, args, extra):
     rec = dict(name=name, strategy=s["method"], rank=s["rank"], eps=eps, seed=seed, val_loss=s["final_val_loss"],
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
-               epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"])
+               epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"], flags=extra)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
+    return rec
+
+
+def same_flags(rec, path, extra):
+    """A committed record stands for its run only under the flags it was made with (the script's flags beyond the
+    run's own: --epochs 3, --local_steps 20, ...): reused under others, it would mix two protocols in one table.
+    Records that predate the field were made with none."""
+    if rec.get("flags", []) != extra:
+        raise UserError(f"{path} was made with the flags {' '.join(rec.get('flags', [])) or '(none)'}, this command "
+                        f"passes {' '.join(extra) or '(none)'}: pass the same flags, or another --results_dir")
     return rec
 
 
@@ -587,6 +598,14 @@ def main(argv=None):
         factors, seeds = [float(f) for f in args.lr_factors], [int(s) for s in args.seeds]
     except ValueError:
         raise UserError("--lr_factors takes numbers (e.g. 0.5,1,2) and --seeds whole numbers (e.g. 0,1,2)") from None
+    # every committed record this stage would reuse must have been made with this command's flags: checked first,
+    # so a mismatch stops the command before any run, not after some
+    for stage in {"sweep": ["sweep"], "seeds": ["sweep", "seeds"], "fed": ["fed"]}.get(args.stage, []):
+        d = os.path.join(args.results_dir, stage)
+        wanted = args.fed_runs.split(",") if stage == "fed" else names + [RUNS[n][1] for n in names]
+        for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if f.endswith(".json") and f.rsplit("_", 2)[0] in wanted:
+                same_flags(json.load(open(os.path.join(d, f))), os.path.join(d, f), extra)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)
         fed_names = args.fed_runs.split(",")

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,8 +74,13 @@ def test_bench_smoke():
 
 def run_scripts_in_process(monkeypatch, main, cmds=None):
     """results.py starts a process per run ([python, script, *argv]); here each runs in-process through `main`
-    (a process per run would be a torch import each), exiting as cli.run does; `cmds` collects the commands."""
+    (a process per run would be a torch import each), exiting as cli.run does; `cmds` collects the commands. Any
+    other command (matplotlib's first import asks fc-list for the system fonts) runs for real."""
+    real_run = subprocess.run
+
     def run(cmd, **kw):
+        if cmd[0] != sys.executable:
+            return real_run(cmd, **kw)
         if cmds is not None:
             cmds.append(cmd)
         try:
@@ -82,6 +88,16 @@ def run_scripts_in_process(monkeypatch, main, cmds=None):
         except UserError as e:
             return subprocess.CompletedProcess(cmd, 1, stderr=f"error: {e}\n")
         return subprocess.CompletedProcess(cmd, 0, stderr="")
+    monkeypatch.setattr(subprocess, "run", run)
+
+
+def forbid_runs(monkeypatch):
+    """No training run may start (finished runs are read back, not redone); other commands (fc-list) run."""
+    real_run = subprocess.run
+
+    def run(cmd, **kw):
+        assert cmd[0] != sys.executable, f"a run was started: {cmd}"
+        return real_run(cmd, **kw)
     monkeypatch.setattr(subprocess, "run", run)
 
 
@@ -98,7 +114,7 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert [r["name"] for r in rows] == ["lora", "dylora"] and set(rows[1]["by_rank"]) == {1, 2, 4, 8, 16}
     table = open(tmp_path / "results.md").read()
     assert "| lora | 0.0002 | 16 |" in table and "| dylora @ rank 4 |" in table
-    monkeypatch.setattr(subprocess, "run", None)  # finished runs are read back, not redone
+    forbid_runs(monkeypatch)  # finished runs are read back, not redone
     rows2 = results.main(argv)
     assert json.loads(json.dumps(rows2)) == json.loads(json.dumps(rows))
     cmds = []
@@ -150,7 +166,7 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     results.main(common + ["--stage", "seeds"])
     assert len(cmds) == n + 1 and len(os.listdir(rec / "seeds")) == 4
     text = open(rec / "RESULTS.md").read()
-    monkeypatch.setattr(subprocess, "run", None)
+    forbid_runs(monkeypatch)
     results.main(["--stage", "report", "--results_dir", str(rec)])
     assert open(rec / "RESULTS.md").read() == text
 
@@ -163,12 +179,19 @@ def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
     results = script("results")
     rec = tmp_path / "records"
     os.makedirs(rec / "sweep")
+    flags = ["--max_steps=2", "--batch_size=4", "--val_size=8", "--max_len=384", "--eval_limit=1", "--device=cpu"]
     for name in ("dylora", "lora-r1", "lora-r2"):  # the chosen lrs, as a sweep would have left them
-        json.dump(dict(name=name, lr=1e-2, val_loss=1.0), open(rec / "sweep" / f"{name}_lr0.01_s0.json", "w"))
-    results.main(["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
-                  "--results_dir", str(rec), "--methods", "dylora,lora-r1,lora-r2", "--seeds", "0,1", "--stage",
-                  "seeds", "--max_steps", "2", "--batch_size", "4", "--val_size", "8", "--max_len", "384",
-                  "--eval_limit", "1", "--device", "cpu"])
+        json.dump(dict(name=name, lr=1e-2, val_loss=1.0, flags=flags if name != "lora-r2" else flags[1:]),
+                  open(rec / "sweep" / f"{name}_lr0.01_s0.json", "w"))
+    common = ["--model", tiny_dir, "--data", gsm_file, "--test_data", gsm_file, "--out_dir", str(tmp_path / "runs"),
+              "--results_dir", str(rec), "--methods", "dylora,lora-r1,lora-r2", "--seeds", "0,1", "--stage", "seeds"]
+    # a sweep made under other train.py flags (here without --max_steps 2) chose no lr for these: stopped before any run
+    with pytest.raises(UserError, match=r"lora-r2_lr0.01_s0.json was made with the flags --batch_size=4 .* this "
+                                        r"command passes --max_steps=2 --batch_size=4"):
+        results.main(common + flags)
+    assert not os.path.isdir(rec / "seeds")
+    json.dump(dict(name="lora-r2", lr=1e-2, val_loss=1.0, flags=flags), open(rec / "sweep" / "lora-r2_lr0.01_s0.json", "w"))
+    results.main(common + flags)
     dy = [json.load(open(rec / "seeds" / f"dylora_lr0.01_s{k}.json")) for k in (0, 1)]
     assert all(set(r["val_loss_by_rank"]) == {"1", "2", "4", "8", "16"} for r in dy)
     assert all(r["val_loss_by_rank"]["16"] == pytest.approx(r["val_loss"], abs=1e-5) for r in dy)
@@ -197,6 +220,14 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     text = open(rec / "RESULTS.md").read()
     assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy" in text
     assert "DP-SGD, epsilon 3 per client" in text and "Fed-SB dominates fedex (the paper's bytes)" in text
+    # the records stand for these fed.py flags only: under others the command stops at once, before any run
+    forbid_runs(monkeypatch)
+    with pytest.raises(UserError, match=r"fed-fedex-r4_eps3_s0.json was made with the flags --clients=2 --rounds=1 "
+                                        r"--local_steps=1 .* this command passes --clients=2 --rounds=1 --local_steps=2"):
+        results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
+                      str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
+                      "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "2", "--batch_size", "4",
+                      "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
 
 
 def test_fed_dominance_verdicts():
