@@ -134,6 +134,7 @@ class FedConfig(DataConfig, OptimConfig):
     seed: int = 0  # shards, client sampling, data order and the method's draws
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "bfloat16"  # of the frozen base on CUDA (CPU always runs fp32)
+    cuda_graph: bool = True  # on CUDA without privacy: each local step as one CUDA graph (train.py's), kept across clients
     out_dir: str = "out/fed"  # runs go to <out_dir>/<run_name>
     run_name: str = ""  # default: the strategy name
     resume: bool = False  # continue <out_dir>/<run_name> after its last completed round
@@ -546,14 +547,33 @@ def noisy_mean(summed, sigma, C, expected_batch, gen):
 # -----------------------------------------------------------------------------
 # one client's round
 
+def client_step(model, cfg: FedConfig, params, public):
+    """(AdamW, step, graphed) of local training, made once per model and kept for every client and round: on CUDA
+    (without privacy) the step is train.py's CUDA graph, whose capture each client would otherwise pay again, and
+    whose launches of thousands of kernels an eager step pays at every step. The graph reads the very tensors that
+    load_state copies each client's start into (and FedEx's residuals, updated in place). Each client starts from a
+    fresh AdamW: the kept one's state, step count included, is zeroed in place, which is what a fresh one holds."""
+    dev = next(iter(params.values())).device
+    graphed = public and cfg.cuda_graph and dev.type == "cuda" and STRATEGIES[cfg.method].method.CUDA_GRAPH
+    key = (graphed, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, [p.data_ptr() for p in params.values()])
+    if getattr(model, "_fed_step", (None,))[0] != key:  # made again only if what it was made from changed
+        opt = step.make_optimizer(list(params.values()), cfg, dev, graphed)
+        model._fed_step = key, opt, step.make_step(model, opt, list(params.values()), cfg.grad_clip, graphed)
+    _, opt, train_step = model._fed_step
+    with torch.no_grad():
+        for state in opt.state.values():
+            for v in state.values():
+                v.zero_()
+    return opt, train_step, graphed
+
+
 def local_train(model, cfg: FedConfig, seqs, shard, steps, seed, pad_id, dp=None, fail_at=None):
     """Train the model's trainable tensors on one shard (indices into seqs, the tokenized examples) from a fresh
     AdamW; returns them (CPU copies). Without privacy each step is train.py's (step.make_step: packed micro-batches,
     the mean over the step's target tokens, clipping); dp = (sigma, q): DP-SGD's step instead."""
     params = trainable(model)
     dev = next(iter(params.values())).device
-    opt = step.make_optimizer(list(params.values()), cfg, dev)
-    train_step = step.make_step(model, opt, list(params.values()), cfg.grad_clip)
+    opt, train_step, graphed = client_step(model, cfg, params, dp is None)
     gen = dp_generator(cfg.dp_seed, seed) if dp else None
     micro = cfg.micro_batch_size or cfg.batch_size
     model.train()
@@ -563,7 +583,7 @@ def local_train(model, cfg: FedConfig, seqs, shard, steps, seed, pad_id, dp=None
         step.set_lr(opt, step.get_lr(it, cfg, steps))
         if dp is None:
             idxs = [shard[i] for i in data.example_order(len(shard), seed, it * cfg.batch_size, cfg.batch_size)]
-            train_step(*data.micro_batches(seqs, idxs, micro, cfg.max_len, pad_id)[:2])
+            train_step(*data.micro_batches(seqs, idxs, micro, cfg.max_len, pad_id, graphed)[:2])
             continue
         # DP-SGD: Poisson sampling, per-example clipping, one noise draw for the logical batch
         sigma, q = dp

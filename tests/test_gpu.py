@@ -293,3 +293,35 @@ def test_streamed_init_on_cuda(name):
     for k in states[0]:
         a, b = states
         assert (a[k] - b[k]).norm() <= 0.05 * a[k].norm() + 1e-6, (k, (a[k] - b[k]).norm() / a[k].norm())
+
+
+@pytest.mark.parametrize("strategy", ["sb", "fedex"])
+def test_fed_local_train_graph_equals_eager(strategy):
+    """fed.py's local training on CUDA replays train.py's step as a CUDA graph, made once and kept for every client:
+    two clients in turn, each from the same global start and a fresh AdamW, give the eager clients' adapters to well
+    under one Adam step. FedEx's residuals, changed in place before each client, are what the replay reads."""
+    import fed
+    seqs, out, made = examples(), {}, {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        _, _, model = build("sb" if strategy == "sb" else "lora")
+        if strategy == "fedex":
+            fed.add_fedex_residuals(model)
+        cfg = fed.FedConfig(method=strategy, batch_size=8, micro_batch_size=4, max_len=128, warmup_steps=0,
+                            lr=METHODS["sb" if strategy == "sb" else "lora"].DEFAULT_LR, cuda_graph=graphed)
+        start = {n: p.detach().clone() for n, p in fed.trainable(model).items()}
+        out[graphed], made[graphed] = [], []
+        for k, shard in enumerate([list(range(16)), list(range(16, 32))]):
+            fed.load_state(model, start)
+            g = torch.Generator(device=DEV).manual_seed(10 + k)
+            for E in fed.fedex_residuals(model).values():
+                E.normal_(0, 1e-2, generator=g)  # in place, as fed.aggregate updates it
+            out[graphed].append(fed.local_train(model, cfg, seqs, shard, 3, k, 0))
+            made[graphed].append(id(model.__dict__["_fed_step"][2]))
+    assert made[True][0] == made[True][1]  # one step (and its graph) for both clients
+    for k in range(2):
+        for n, eager in out[False][k].items():
+            moved = (eager - start[n].cpu()).abs().max().item()
+            diff = (out[True][k][n] - eager).abs().max().item()
+            assert moved > 0 and diff <= 1e-3 * moved, (k, n, diff, moved)
+    assert any((out[True][0][n] - out[True][1][n]).abs().max() > 0 for n in out[True][0])  # the clients differ
