@@ -299,7 +299,9 @@ def test_per_example_grads_clipping_and_noise(method, monkeypatch):
     C = sorted(norms)[1] * 1.01  # between the norms: the two smallest rows pass unclipped
     want = [sum(min(1.0, C / (nrm + 1e-6)) * row[j] for row, nrm in zip(ref, norms)) for j in range(len(params))]
     got = fed.clip_per_example(pe, C)
-    assert all(torch.allclose(got[k], w, rtol=1e-4, atol=1e-6) for k, w in zip(params, want))
+    # to fp32 rounding of the tensor's scale (elementwise rtol fails on entries near zero, where sums of four
+    # rows cancel); a wrong clip factor is off by more than 1%
+    assert all((got[k] - w).abs().max() <= 1e-5 * w.abs().max() for k, w in zip(params, want))
     for i in range(4):
         one = fed.clip_per_example({n: v[i:i + 1] for n, v in pe.items()}, C)
         assert torch.sqrt(sum(v.pow(2).sum() for v in one.values())) <= C * (1 + 1e-5)
