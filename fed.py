@@ -734,6 +734,7 @@ def main(argv=None, clients=None):
                           noise_multiplier=dp["sigma"], clip=cfg.dp_clip, accountant=cfg.dp_accountant)
     summary = dict(method=cfg.method, rank=mcfg.rank, clients=cfg.clients, rounds=cfg.rounds, split=cfg.split,
                    per_client_per_round=comm, total=totals, final_val_loss=log[-1]["val_loss"], dp=privacy, log=log)
+    model.__dict__.pop("_fed_step", None)  # the kept AdamW, gradients and graph pool: not needed to score
     if cfg.eval_gsm8k:
         summary["gsm8k"] = ev.score(model, tok, test_path, cfg.eval_gsm8k, cfg.template)
     runs.save_json(summary, os.path.join(run_dir, "summary.json"))
@@ -802,6 +803,8 @@ def client_round(argv, k, rnd, global_state, setup=None, residual=None, dp_k=Non
         return local_train(model, cfg, seqs, shards[k], steps[k], client_seed(cfg, rnd, k), tok.pad_id, dp_k, fail_at)
     except ClientDropped:
         return None
+    finally:  # the kept step refers to the model: without this the model, its graph and AdamW outlive the round
+        model.__dict__.pop("_fed_step", None)
 
 
 def print_privacy(dp, cfg, saved, steps):

@@ -180,8 +180,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
         return same_flags(json.load(open(path)), path, extra)
     test = "" if stage == "sweep" else args.test_data  # the lr is chosen on the held-out loss alone
     failed = None
-    runs_dir = os.path.join(args.out_dir, stage + ("_" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
-                                                   if extra else ""))  # other train.py flags: other run folders
+    runs_dir = flagged(args.out_dir, stage, extra)
     if not os.path.isfile(os.path.join(runs_dir, rname, "summary.json")):  # else finished: record it
         try:
             train(runs_dir, rname, RUNS[name] + [
@@ -237,7 +236,7 @@ def fed_run(name, eps, seed, args, extra):
     path = os.path.join(args.results_dir, "fed", rname + ".json")
     if os.path.isfile(path):
         return same_flags(json.load(open(path)), path, extra)
-    out_dir = os.path.join(args.out_dir, "fed")
+    out_dir = flagged(args.out_dir, "fed", extra)
     if not os.path.isfile(os.path.join(out_dir, rname, "summary.json")):
         argv = FED_RUNS[name] + ["--model", args.model, "--data", args.data, "--seed", str(seed), "--out_dir", out_dir,
                                  "--run_name", rname, "--overwrite"] + (["--dp_epsilon", eps] if eps != "inf" else [])
@@ -255,11 +254,18 @@ def fed_run(name, eps, seed, args, extra):
     return rec
 
 
+def flagged(out_dir, stage, extra):
+    """The folder of a stage's runs under the script's other flags: other flags, another folder, so a finished run
+    is read back only under the flags it was made with."""
+    return os.path.join(out_dir, stage + ("_" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
+                                          if extra else ""))
+
+
 def same_flags(rec, path, extra):
     """A committed record stands for its run only under the flags it was made with (the script's flags beyond the
     run's own: --epochs 3, --local_steps 20, ...): reused under others, it would mix two protocols in one table.
-    Records that predate the field were made with none."""
-    if rec.get("flags", []) != extra:
+    Their order does not matter. Records that predate the field were made with none."""
+    if sorted(rec.get("flags", [])) != sorted(extra):
         raise UserError(f"{path} was made with the flags {' '.join(rec.get('flags', [])) or '(none)'}, this command "
                         f"passes {' '.join(extra) or '(none)'}: pass the same flags, or another --results_dir")
     return rec
@@ -600,11 +606,14 @@ def main(argv=None):
         raise UserError("--lr_factors takes numbers (e.g. 0.5,1,2) and --seeds whole numbers (e.g. 0,1,2)") from None
     # every committed record this stage would reuse must have been made with this command's flags: checked first,
     # so a mismatch stops the command before any run, not after some
+    # (the seeds stage reads the sweep's records of its runs and of their base methods, whose lr a variant takes)
+    wanted = {"fed": args.fed_runs.split(","), "sweep": names, "seeds": names}
+    if args.stage == "seeds":
+        wanted["sweep"] = names + [RUNS[n][1] for n in names]
     for stage in {"sweep": ["sweep"], "seeds": ["sweep", "seeds"], "fed": ["fed"]}.get(args.stage, []):
         d = os.path.join(args.results_dir, stage)
-        wanted = args.fed_runs.split(",") if stage == "fed" else names + [RUNS[n][1] for n in names]
         for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-            if f.endswith(".json") and f.rsplit("_", 2)[0] in wanted:
+            if f.endswith(".json") and f.rsplit("_", 2)[0] in wanted[stage]:
                 same_flags(json.load(open(os.path.join(d, f))), os.path.join(d, f), extra)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)

@@ -318,6 +318,7 @@ def test_fed_local_train_graph_equals_eager(strategy):
                 E.normal_(0, 1e-2, generator=g)  # in place, as fed.aggregate updates it
             out[graphed].append(fed.local_train(model, cfg, seqs, shard, 3, k, 0))
             made[graphed].append(id(model.__dict__["_fed_step"][2]))
+            assert model.__dict__["_fed_step"][0][0] == graphed  # the graphed run did replay a graph
     assert made[True][0] == made[True][1]  # one step (and its graph) for both clients
     for k in range(2):
         for n, eager in out[False][k].items():

@@ -228,6 +228,20 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
                       str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
                       "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "2", "--batch_size", "4",
                       "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
+    # the same flags in another order are the same protocol: read back, nothing runs
+    results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
+                  str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
+                  "--seeds", "0", "--local_steps", "1", "--rounds", "1", "--clients", "2", "--batch_size", "4",
+                  "--val_size", "8", "--max_len", "384", "--dp_seed", "0", "--device", "cpu"])
+    # other flags into fresh records: the runs made under the old flags (same out_dir) are not read back as these
+    cmds = []
+    run_scripts_in_process(monkeypatch, fed.main, cmds)
+    results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
+                  str(tmp_path / "records2"), "--stage", "fed", "--fed_runs", "fed-sb-r32", "--dp_epsilons", "inf",
+                  "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "2", "--batch_size", "4",
+                  "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
+    new = json.load(open(tmp_path / "records2" / "fed" / "fed-sb-r32_epsinf_s0.json"))
+    assert len(cmds) == 1 and "--local_steps=2" in new["flags"] and new["val_loss"] != sb["val_loss"]
 
 
 def test_fed_dominance_verdicts():
