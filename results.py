@@ -12,6 +12,7 @@ and re-run to finish. Writes <out_dir>/results.md (the table), results.json and
 <out_dir>/loss.png (held-out loss against step; needs matplotlib). `--merged_check 1` (CUDA) adds, per run, the
 held-out loss and GSM8K accuracy of the model as trained against the same adapter merged into a bf16 base.
 """
+import functools
 import hashlib
 import json
 import os
@@ -69,6 +70,8 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     fed_runs: str = ",".join(FED_RUNS)  # --stage fed: the federated runs (FED_RUNS), comma-separated
     dp_epsilons: tuple = ("inf", "1", "3", "7.5")  # --stage fed: each run without privacy (inf) and at these epsilons
     lr_extend: int = 3  # sweep: while the best lr is at the grid's edge, try this many more beyond it (same ratio)
+    jobs: int = 1  # sweep, seeds, fed: runs at once, each its own process (a small model leaves a GPU idle between
+    # kernels; >1 shares it, so the records' train times are then not comparable)
 
 
 def train(out_dir, name, argv):
@@ -195,9 +198,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
     else:
         rec = record(runs_dir, rname, name, args.model)
     rec["flags"] = extra
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(rec, f, indent=1)
+    write_record(rec, path)
     return rec
 
 
@@ -248,10 +249,33 @@ def fed_run(name, eps, seed, args, extra):
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
                epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"], flags=extra)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(rec, f, indent=1)
+    write_record(rec, path)
     return rec
+
+
+def write_record(rec, path):
+    """A finished run's record, written whole: concurrent runs (--jobs), a report read meanwhile and a crash see
+    the whole record or none."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(rec, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def concurrently(jobs, tasks):
+    """Run the thunks `tasks`, `jobs` at a time (each waits on its own process, so threads suffice). After a
+    failure no further task starts; the running ones finish (their records are kept) and the first failure is
+    raised."""
+    if jobs == 1:
+        return [t() for t in tasks]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(t) for t in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def flagged(out_dir, stage, extra):
@@ -591,6 +615,8 @@ def main(argv=None):
     args, = cli.parse(argv, ResultsConfig(), rest=extra)
     if args.stage not in ("table", "sweep", "seeds", "fed", "report"):
         raise UserError(f"--stage must be table, sweep, seeds, fed or report, got {args.stage!r}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (runs at once), got {args.jobs}")
     if args.stage == "report":  # from the committed records alone: no model, no data, no GPU
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     for k in ("model", "data") + (("test_data",) if args.stage != "fed" else ()):
@@ -623,16 +649,15 @@ def main(argv=None):
         if bad:
             raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
                             f"{bad[0]!r}")
-        for n in fed_names:
-            for eps in args.dp_epsilons:
-                for sd in seeds:
-                    fed_run(n, eps, sd, args, extra)
+        concurrently(args.jobs, [functools.partial(fed_run, n, eps, sd, args, extra)
+                                 for n in fed_names for eps in args.dp_epsilons for sd in seeds])
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     if args.stage in ("sweep", "seeds"):
         import runs
+        tasks = []  # each method's sweep is one task (its grid grows on its own results); each seeds run is one
         for n in names:
             if args.stage == "sweep":
-                sweep(n, runs.METHODS[RUNS[n][1]].DEFAULT_LR, factors, args, extra)
+                tasks.append(functools.partial(sweep, n, runs.METHODS[RUNS[n][1]].DEFAULT_LR, factors, args, extra))
                 continue
             # a variant (another rank or block size, RUNS beyond MAIN) never swept itself takes its method's lr
             source = n if n in MAIN or swept(n, args.results_dir) else RUNS[n][1]
@@ -640,8 +665,8 @@ def main(argv=None):
             if lr is None:
                 raise UserError(f"no finished sweep run of {source} (for {n}) in {args.results_dir}/sweep: run "
                                 f"--stage sweep first")
-            for s in seeds:
-                evidence_run("seeds", n, lr, s, args, extra)
+            tasks += [functools.partial(evidence_run, "seeds", n, lr, s, args, extra) for s in seeds]
+        concurrently(args.jobs, tasks)
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     rows = [run(n, args, extra) for n in names]
     text = table(rows)

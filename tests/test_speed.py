@@ -270,6 +270,54 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert len(cmds) == 1 and "--local_steps=2" in new["flags"] and new["val_loss"] != sb["val_loss"]
 
 
+def test_jobs_run_concurrently(tmp_path, monkeypatch):
+    """--jobs N: N runs at once, each still its own process, every record written whole; after a failure no new
+    run starts, the running ones are recorded, and the failure is the command's one line. Each process here is a
+    stand-in fed.py that sleeps and writes the summary the record is read from (what the threads schedule is under
+    test, not fed.py)."""
+    import threading
+    import time
+    results = script("results")
+    live, most, started, lock = [0], [0], [], threading.Lock()
+    real_run = subprocess.run
+
+    def run(cmd, **kw):
+        if cmd[0] != sys.executable:
+            return real_run(cmd, **kw)
+        a = dict(zip(cmd[2::2], cmd[3::2]))
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            started.append(a["--run_name"])
+        time.sleep(0.2)
+        with lock:
+            live[0] -= 1
+        if a["--method"] == "fedex" and a["--seed"] == "2":
+            return subprocess.CompletedProcess(cmd, 1, stderr="error: out of memory\n")
+        os.makedirs(os.path.join(a["--out_dir"], a["--run_name"]))
+        json.dump(dict(method=a["--method"], rank=int(a["--rank"]), final_val_loss=1.0, clients=2, rounds=1, dp=None,
+                       total=dict(up_bytes=10, down_bytes=20), log=[dict(clients=[0, 1])],
+                       per_client_per_round=dict(paper=dict(up_params=1, down_params=1))),
+                  open(os.path.join(a["--out_dir"], a["--run_name"], "summary.json"), "w"))
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+    monkeypatch.setattr(subprocess, "run", run)
+    rec = tmp_path / "records"
+    argv = ["--model", "m", "--data", "d", "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec), "--stage",
+            "fed", "--dp_epsilons", "inf", "--seeds", "1,2,3", "--jobs", "3", "--clients", "2"]
+    results.main(argv + ["--fed_runs", "fed-sb-r32,fed-fedit-r4"])
+    assert most[0] == 3 and len(started) == 6 and len(os.listdir(rec / "fed")) == 6
+    assert all(json.load(open(rec / "fed" / f))["flags"] == ["--clients=2"] for f in os.listdir(rec / "fed"))
+    started.clear()
+    with pytest.raises(UserError, match=r"the fed-fedex-r4_epsinf_s2 run failed \(exit 1: error: out of memory\)"):
+        results.main(argv + ["--fed_runs", "fed-fedex-r4,fed-fedex-r16,fed-ffa-r4,fed-ffa-r16", "--jobs", "2"])
+    # s1 and s2 ran together; s2 failed, s3 (already started beside s1's end) may finish, nothing after it starts
+    assert started[:2] == ["fed-fedex-r4_epsinf_s1", "fed-fedex-r4_epsinf_s2"] and len(started) <= 4
+    assert not any(f.endswith(".tmp") for f in os.listdir(rec / "fed"))
+    assert "fed-fedex-r4_epsinf_s1.json" in os.listdir(rec / "fed")
+    with pytest.raises(UserError, match="--jobs must be >= 1"):
+        results.main(argv + ["--jobs", "0"])
+
+
 def test_fed_dominance_verdicts():
     """Claim 5's verdict per strategy from seeds: a point is beaten only by a Fed-SB point with no more bytes whose
     loss is lower by Welch's t; a point no Fed-SB point is as cheap as is missed; a tie within noise is neither."""
