@@ -47,6 +47,7 @@ FED_RUNS = {  # claim 5: fed.py strategies at several ranks (Fed-SB's R is r x r
     **{f"fed-sb-r{r}": ["--method", "sb", "--rank", str(r)] for r in (32, 64, 128)},
     **{f"fed-{m}-r{r}": ["--method", m, "--rank", str(r)] for m in ("fedit", "ffa", "fedex") for r in (4, 16, 32)},
 }
+FED_LR = {"sb": "sb", "fedit": "lora", "ffa": "lora", "fedex": "lora"}  # strategy -> the run whose swept lr it takes
 
 
 @dataclass
@@ -230,22 +231,26 @@ def sweep(name, default_lr, factors, args, extra):
     return recs
 
 
-def fed_run(name, eps, seed, args, extra):
-    """One fed.py run of claim 5 (its own process), or its committed record in results_dir/fed/: the final held-out
-    loss, the bytes moved in fed.py's convention and in the Fed-SB paper's, and the epsilon spent."""
-    rname = f"{name}_eps{eps}_s{seed}"
+def fed_run(name, lr, eps, seed, args, extra):
+    """One fed.py run of claim 5 at learning rate `lr` (its own process), or its committed record in
+    results_dir/fed/: the final held-out loss, the bytes moved in fed.py's convention and in the Fed-SB paper's, and
+    the epsilon spent."""
+    rname = f"{name}_lr{lr:g}_eps{eps}_s{seed}"
     path = os.path.join(args.results_dir, "fed", rname + ".json")
     if os.path.isfile(path):
         return same_flags(json.load(open(path)), path, extra)
     out_dir = flagged(args.out_dir, "fed", extra)
     if not os.path.isfile(os.path.join(out_dir, rname, "summary.json")):
         argv = FED_RUNS[name] + ["--model", args.model, "--data", args.data, "--seed", str(seed), "--out_dir", out_dir,
-                                 "--run_name", rname, "--overwrite"] + (["--dp_epsilon", eps] if eps != "inf" else [])
+                                 "--run_name", rname, "--overwrite"]
+        argv += [] if any(f.startswith("--lr=") for f in extra) else ["--lr", f"{lr:g}"]  # else in extra already
+        argv += ["--dp_epsilon", eps] if eps != "inf" else []
         run_script("fed.py", rname, argv + extra)
     s = json.load(open(os.path.join(out_dir, rname, "summary.json")))
     paper = s["per_client_per_round"]["paper"]
     sent = sum(len(r["clients"]) for r in s["log"] if r.get("clients"))  # client-rounds
-    rec = dict(name=name, strategy=s["method"], rank=s["rank"], eps=eps, seed=seed, val_loss=s["final_val_loss"],
+    rec = dict(name=name, strategy=s["method"], rank=s["rank"], lr=lr, lr_from=fed_lr(name, args.results_dir, extra)[1],
+               eps=eps, seed=seed, val_loss=s["final_val_loss"],
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
                epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"], flags=extra)
@@ -268,14 +273,30 @@ def concurrently(jobs, tasks):
     raised."""
     if jobs == 1:
         return [t() for t in tasks]
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(t) for t in tasks]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+        wait(futures, return_when=FIRST_EXCEPTION)  # returns at the first failure, not when its turn comes
+        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+        if failed:
+            pool.shutdown(cancel_futures=True)  # nothing new starts; waits for the running ones
+            raise failed.exception()
+        return [f.result() for f in futures]
+
+
+def fed_lr(name, results_dir, extra=()):
+    """(lr, where it comes from) of fed run `name`: the lr the centralised sweep chose for its strategy's method
+    (FED_LR: Fed-SB takes LoRA-SB's, the LoRA strategies LoRA's), as claims 1-4 tune theirs. Federated training is
+    not swept on its own: each client's 20 local steps from the shared adapter are centralised training's steps."""
+    given = [f.split("=", 1)[1] for f in extra if f.startswith("--lr=")]
+    if given:  # one lr for every strategy, as the command says
+        return float(given[-1]), "--lr"
+    source = FED_LR[FED_RUNS[name][1]]
+    lr = chosen_lr(source, results_dir)
+    if lr is None:
+        raise UserError(f"no finished sweep run of {source} (whose lr {name} takes) in {results_dir}/sweep: run "
+                        f"--stage sweep --methods {source} first")
+    return lr, f"{source}'s sweep"
 
 
 def flagged(out_dir, stage, extra):
@@ -310,19 +331,31 @@ def fed_report(recs):
     decisively higher or no Fed-SB point is that cheap; the claim holds when every point is beaten, does not hold
     when one is missed, and is inconclusive otherwise."""
     lines = []
-    for eps in sorted({r["eps"] for r in recs}, key=float):
+    if recs:
+        r = recs[0]
+        lines += ["", f"Claim 5's protocol: `fed.py` with {r.get('clients')} clients (iid shards of the training file "
+                  f"minus the held-out split), {r.get('rounds')} rounds, every client each round, flags "
+                  f"`{' '.join(r.get('flags', [])) or '(none)'}`; held-out loss of the global model after the last "
+                  "round; bytes summed over the run, up and down, in fed.py's convention (with Fed-SB's one-time "
+                  "download of B and A) and in the Fed-SB paper's; each lr as its table says. That Fed-SB's aggregate "
+                  "equals the exact average of the clients' updates (and FedIT's does not) is checked by "
+                  "tests/test_fed.py::test_aggregation_exactness, not by these runs."]
+    for eps, src in sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1])):
         groups = {}
         for r in recs:
-            if r["eps"] == eps:
+            if (r["eps"], r.get("lr_from", "")) == (eps, src):
                 groups.setdefault(r["name"], []).append(r)
         pts = {n: (g[0]["strategy"], g[0]["bytes"], g[0]["paper_bytes"], [r["val_loss"] for r in g])
                for n, g in groups.items()}
         title = "without privacy" if eps == "inf" else f"DP-SGD, epsilon {eps} per client"
-        lines += ["", f"### Claim 5: Fed-SB on the communication / held-out loss plane, {title}", "",
-                  "| run | bytes (fed.py's) | bytes (Fed-SB paper's) | held-out loss | seeds |", "|---|---|---|---|---|"]
+        lines += ["", f"### Claim 5: Fed-SB on the communication / held-out loss plane, {title}, lr from "
+                  f"{src or 'fed.py'}", "", "| run | lr | bytes (fed.py's) | bytes (Fed-SB paper's) | held-out loss | "
+                  "seeds |", "|---|---|---|---|---|---|"]
         for n, (_, b, pb, ls) in sorted(pts.items(), key=lambda kv: kv[1][1]):
             m, sd = mean_std(ls)
-            lines.append(f"| {n} | {b:,} | {pb:,} | {m:.4f} +- {sd:.4f} | {len(ls)} |")
+            lr = groups[n][0].get("lr")
+            lines.append(f"| {n} | {'' if lr is None else format(lr, 'g')} | {b:,} | {pb:,} | {m:.4f} +- {sd:.4f} | "
+                         f"{len(ls)} |")
         sb = [(b, pb, ls) for st, b, pb, ls in pts.values() if st == "sb"]
         for other in sorted({st for st, *_ in pts.values()} - {"sb"}):
             theirs = [(b, pb, ls) for st, b, pb, ls in pts.values() if st == other]
@@ -639,7 +672,7 @@ def main(argv=None):
     for stage in {"sweep": ["sweep"], "seeds": ["sweep", "seeds"], "fed": ["fed"]}.get(args.stage, []):
         d = os.path.join(args.results_dir, stage)
         for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-            if f.endswith(".json") and f.rsplit("_", 2)[0] in wanted[stage]:
+            if f.endswith(".json") and f.split("_")[0] in wanted[stage]:  # run names hold no "_"
                 same_flags(json.load(open(os.path.join(d, f))), os.path.join(d, f), extra)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)
@@ -649,7 +682,8 @@ def main(argv=None):
         if bad:
             raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
                             f"{bad[0]!r}")
-        concurrently(args.jobs, [functools.partial(fed_run, n, eps, sd, args, extra)
+        lrs = {n: fed_lr(n, args.results_dir, extra)[0] for n in fed_names}  # every lr first: a missing sweep stops it here
+        concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n], eps, sd, args, extra)
                                  for n in fed_names for eps in args.dp_epsilons for sd in seeds])
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     if args.stage in ("sweep", "seeds"):

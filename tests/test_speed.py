@@ -234,21 +234,35 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     run_scripts_in_process(monkeypatch, fed.main)
     results = script("results")
     rec = tmp_path / "records"
+    fed_argv = ["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec),
+                "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--seeds", "0", "--device", "cpu"]
+    forbid_runs(monkeypatch)  # each strategy takes its method's swept lr: with no sweep, one line before any run
+    with pytest.raises(UserError, match=r"no finished sweep run of sb \(whose lr fed-sb-r32 takes\) in .*: run "
+                                        r"--stage sweep --methods sb first"):
+        results.main(fed_argv)
+    os.makedirs(rec / "sweep")
+    for name, lr, loss in (("sb", 0.01, 1.0), ("sb", 0.02, 0.9), ("sb", 0.04, None), ("lora", 0.001, 1.0)):
+        json.dump(dict(name=name, lr=lr, val_loss=loss), open(rec / "sweep" / f"{name}_lr{lr:g}_s0.json", "w"))
+    cmds = []
+    run_scripts_in_process(monkeypatch, fed.main, cmds)
     results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
                   str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
                   "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "1", "--batch_size", "4",
                   "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
     recs = {f: json.load(open(rec / "fed" / f)) for f in os.listdir(rec / "fed")}
     assert len(recs) == 4
-    sb, fx = recs["fed-sb-r32_epsinf_s0.json"], recs["fed-fedex-r4_epsinf_s0.json"]
+    sb, fx = recs["fed-sb-r32_lr0.02_epsinf_s0.json"], recs["fed-fedex-r4_lr0.001_epsinf_s0.json"]
+    assert sb["lr_from"] == "sb's sweep" and fx["lr"] == 0.001 and fx["lr_from"] == "lora's sweep"
+    assert [c[c.index("--lr") + 1] for c in cmds] == ["0.02", "0.02", "0.001", "0.001"]  # what fed.py was given
     assert sb["bytes"] > sb["paper_bytes"]  # ours counts the one-time download of B and A
-    assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < recs["fed-sb-r32_eps3_s0.json"]["epsilon"] <= 3
+    assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < recs["fed-sb-r32_lr0.02_eps3_s0.json"]["epsilon"] <= 3
     text = open(rec / "RESULTS.md").read()
-    assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy" in text
+    assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy, lr from sb's sweep" in text
+    assert "| fed-sb-r32 | 0.02 |" in text and "Claim 5's protocol: `fed.py` with 2 clients" in text
     assert "DP-SGD, epsilon 3 per client" in text and "Fed-SB dominates fedex (the paper's bytes)" in text
     # the records stand for these fed.py flags only: under others the command stops at once, before any run
     forbid_runs(monkeypatch)
-    with pytest.raises(UserError, match=r"fed-fedex-r4_eps3_s0.json was made with the flags --clients=2 --rounds=1 "
+    with pytest.raises(UserError, match=r"fed-fedex-r4_lr0.001_eps3_s0.json was made with the flags --clients=2 --rounds=1 "
                                         r"--local_steps=1 .* this command passes --clients=2 --rounds=1 --local_steps=2"):
         results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
                       str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
@@ -263,11 +277,13 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     cmds = []
     run_scripts_in_process(monkeypatch, fed.main, cmds)
     results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
-                  str(tmp_path / "records2"), "--stage", "fed", "--fed_runs", "fed-sb-r32", "--dp_epsilons", "inf",
+                  str(tmp_path / "records2"), "--stage", "fed", "--fed_runs", "fed-sb-r32", "--dp_epsilons", "inf", "--lr",
+                  "0.02",
                   "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "2", "--batch_size", "4",
                   "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
-    new = json.load(open(tmp_path / "records2" / "fed" / "fed-sb-r32_epsinf_s0.json"))
+    new = json.load(open(tmp_path / "records2" / "fed" / "fed-sb-r32_lr0.02_epsinf_s0.json"))
     assert len(cmds) == 1 and "--local_steps=2" in new["flags"] and new["val_loss"] != sb["val_loss"]
+    assert new["lr_from"] == "--lr" and "--lr" not in cmds[0][:cmds[0].index("--local_steps=2")]  # once, as given
 
 
 def test_jobs_run_concurrently(tmp_path, monkeypatch):
@@ -289,7 +305,7 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
             live[0] += 1
             most[0] = max(most[0], live[0])
             started.append(a["--run_name"])
-        time.sleep(0.2)
+        time.sleep(0.5)
         with lock:
             live[0] -= 1
         if a["--method"] == "fedex" and a["--seed"] == "2":
@@ -303,17 +319,17 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", run)
     rec = tmp_path / "records"
     argv = ["--model", "m", "--data", "d", "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec), "--stage",
-            "fed", "--dp_epsilons", "inf", "--seeds", "1,2,3", "--jobs", "3", "--clients", "2"]
+            "fed", "--dp_epsilons", "inf", "--seeds", "1,2,3", "--jobs", "3", "--clients", "2", "--lr", "0.01"]
     results.main(argv + ["--fed_runs", "fed-sb-r32,fed-fedit-r4"])
     assert most[0] == 3 and len(started) == 6 and len(os.listdir(rec / "fed")) == 6
-    assert all(json.load(open(rec / "fed" / f))["flags"] == ["--clients=2"] for f in os.listdir(rec / "fed"))
+    assert all(json.load(open(rec / "fed" / f))["flags"] == ["--clients=2", "--lr=0.01"] for f in os.listdir(rec / "fed"))
     started.clear()
-    with pytest.raises(UserError, match=r"the fed-fedex-r4_epsinf_s2 run failed \(exit 1: error: out of memory\)"):
+    with pytest.raises(UserError, match=r"the fed-fedex-r4_lr0.01_epsinf_s2 run failed \(exit 1: error: out of memory\)"):
         results.main(argv + ["--fed_runs", "fed-fedex-r4,fed-fedex-r16,fed-ffa-r4,fed-ffa-r16", "--jobs", "2"])
-    # s1 and s2 ran together; s2 failed, s3 (already started beside s1's end) may finish, nothing after it starts
-    assert started[:2] == ["fed-fedex-r4_epsinf_s1", "fed-fedex-r4_epsinf_s2"] and len(started) <= 4
+    # s1 and s2 ran together; s2 failed, a run its end or s1's raced may finish, nothing after those starts
+    assert set(started[:2]) == {"fed-fedex-r4_lr0.01_epsinf_s1", "fed-fedex-r4_lr0.01_epsinf_s2"} and len(started) <= 4
     assert not any(f.endswith(".tmp") for f in os.listdir(rec / "fed"))
-    assert "fed-fedex-r4_epsinf_s1.json" in os.listdir(rec / "fed")
+    assert "fed-fedex-r4_lr0.01_epsinf_s1.json" in os.listdir(rec / "fed")
     with pytest.raises(UserError, match="--jobs must be >= 1"):
         results.main(argv + ["--jobs", "0"])
 
