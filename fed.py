@@ -15,6 +15,10 @@ examples of the clients that finished the round:
     fedex  A, B as fedit, and E += s (sum_k w_k B_k A_k - B A), with the training scale s and no transpose
                                         exact (FedEx-LoRA); the residual is full-rank and goes down to clients
 
+LoRA-SB's central init takes one approximate full fine-tuning step, -lr_1 sign(G) (lora_sb.py); lr_1 is the first
+step's lr of train.py's epoch over the pooled data, as the paper's code takes it from the pooled loader, not a
+client's: 20 local steps warm up in one step, which would make lr_1 the full lr (14x train.py's on GSM8K).
+
 FedEx-LoRA's exactness under the precision policy (frozen base in bf16): the paper folds the residual into the
 base weight, but a bf16 weight cannot hold it (on weights of rms 0.15, 99% of a residual of rms 1e-5 and 24% of one
 of rms 1e-3 round away). So the base is never touched: each layer keeps the accumulated residual E in an fp32 buffer
@@ -657,7 +661,11 @@ def main(argv=None, clients=None):
     if saved is None:
         init_seqs = seqs if not cfg.sb_init_data else data.tokenize(
             data.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
-        step.init_method(model, method, mcfg, init_seqs, cfg, tok.pad_id, step.get_lr(0, cfg, steps[0]), rank, world)
+        # LoRA-SB's init step (lr_1) is the first step of train.py's epoch over the pooled data, as the paper's
+        # code takes it from the pooled loader; a client's schedule of 20 local steps warms up in one step, which
+        # would make lr_1 the full lr (14x train.py's on GSM8K: its warm-up is 14 steps)
+        step.init_method(model, method, mcfg, init_seqs, cfg, tok.pad_id,
+                         step.get_lr(0, cfg, math.ceil(len(seqs) / cfg.batch_size)), rank, world)
     else:  # the layers only: the saved state fills them
         method.apply(model, mcfg, init=False)
     for name, p in model.named_parameters():  # what the strategy keeps at its shared init (FFA-LoRA: A)

@@ -178,6 +178,19 @@ def test_one_client_equals_plain_training(tmp_path, tiny_dir, gsm_file, method, 
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_sb_init_step_is_train_pys(tmp_path, tiny_dir):
+    """Fed-SB's central init takes its step lr_1 from train.py's epoch over the pooled data (as the paper's code,
+    from the pooled loader), not from a client's 1-step schedule, whose one-step warm-up made lr_1 the full lr: 112
+    pooled examples at batch 1 are 112 steps, a warm-up of 3, so lr_1 = lr / 3 for train.py and fed.py alike."""
+    from conftest import write_gsm8k
+    path = write_gsm8k(tmp_path / "d.jsonl", n=120)
+    fed.main(common(tmp_path, tiny_dir, path, "--method", "sb", "--init_samples", "8", "--clients", "2", "--rounds",
+                    "1", "--local_steps", "1", "--batch_size", "1", "--lr", "1e-2"))
+    got = torch.load(tmp_path / "f" / "fed_state.pt", weights_only=True)["method_config"]["lr_1"]
+    import step
+    assert got == pytest.approx(1e-2 / 3) == step.get_lr(0, fed.FedConfig(lr=1e-2), 112)  # train.py's first step
+
+
 def test_round_mechanics(tmp_path, tiny_dir, gsm_file, monkeypatch):
     """Clients start byte-identical; weights follow shard sizes; a round aggregates only its own updates."""
     starts, sizes, rounds = [], [], []
