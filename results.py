@@ -330,16 +330,17 @@ def fed_report(recs):
     has a lower held-out loss by Welch's t over the seeds (decisive as in `verdict`), missed when that loss is
     decisively higher or no Fed-SB point is that cheap; the claim holds when every point is beaten, does not hold
     when one is missed, and is inconclusive otherwise."""
-    lines = []
-    if recs:
-        r = recs[0]
-        lines += ["", f"Claim 5's protocol: `fed.py` with {r.get('clients')} clients (iid shards of the training file "
-                  f"minus the held-out split), {r.get('rounds')} rounds, every client each round, flags "
-                  f"`{' '.join(r.get('flags', [])) or '(none)'}`; held-out loss of the global model after the last "
-                  "round; bytes summed over the run, up and down, in fed.py's convention (with Fed-SB's one-time "
-                  "download of B and A) and in the Fed-SB paper's; each lr as its table says. That Fed-SB's aggregate "
-                  "equals the exact average of the clients' updates (and FedIT's does not) is checked by "
-                  "tests/test_fed.py::test_aggregation_exactness, not by these runs."]
+    if not recs:
+        return ["", "### Claim 5: Fed-SB on the communication / held-out loss plane", "", "Not run yet: `python "
+                "results.py --stage fed --model M --data train.jsonl --clients 10 --rounds 3 --local_steps 20`."]
+    r = recs[0]
+    lines = ["", f"Claim 5's protocol: `fed.py` with {r.get('clients')} clients (iid shards of the training file "
+             f"minus the held-out split), {r.get('rounds')} rounds, every client each round, flags "
+             f"`{' '.join(r.get('flags', [])) or '(none)'}`; held-out loss of the global model after the last round; "
+             "bytes summed over the run, up and down, in fed.py's convention (with Fed-SB's one-time download of B "
+             "and A) and in the Fed-SB paper's; each lr as its table says. That Fed-SB's aggregate equals the exact "
+             "average of the clients' updates (and FedIT's does not) is checked by "
+             "tests/test_fed.py::test_aggregation_exactness, not by these runs."]
     for eps, src in sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1])):
         groups = {}
         for r in recs:
@@ -373,6 +374,38 @@ def fed_report(recs):
                              f"{beaten} beaten and {missed} missed by the best Fed-SB point with no more bytes, "
                              f"Welch's t over the seeds)")
     return lines
+
+
+def fed_figure(recs, results_dir):
+    """Claim 5's figure, fed_plane.png: held-out loss against the bytes a run moved, one row per privacy setting
+    and lr source, the two byte conventions side by side, each strategy a line through its ranks."""
+    groups = sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1]))
+    try:
+        if not groups:
+            raise ImportError
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
+    for row, (eps, src) in zip(axes, groups):
+        runs_of = {}
+        for r in recs:
+            if (r["eps"], r.get("lr_from", "")) == (eps, src):
+                runs_of.setdefault((r["strategy"], r["name"]), []).append(r)
+        for ax, key, conv in ((row[0], "bytes", "fed.py's"), (row[1], "paper_bytes", "the Fed-SB paper's")):
+            for strategy in sorted({st for st, _ in runs_of}):
+                pts = sorted((g[0][key], *mean_std([r["val_loss"] for r in g]))
+                             for (st, _), g in runs_of.items() if st == strategy)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
+                            capsize=3, label=strategy, lw=2 if strategy == "sb" else 1)
+            title = "no privacy" if eps == "inf" else f"epsilon {eps}"
+            ax.set(xscale="log", xlabel=f"bytes moved ({conv} convention)", ylabel="held-out loss (mean +- std)")
+            ax.set_title(f"{title}\nlr from {src or 'fed.py'}", fontsize=9)
+            ax.legend(fontsize=8)
+    fig.savefig(os.path.join(results_dir, "fed_plane.png"), dpi=100, bbox_inches="tight")
+    return ["", "![claim 5: held-out loss against bytes moved](fed_plane.png)"]
 
 
 def swept(name, results_dir):
@@ -519,7 +552,7 @@ def report(results_dir, path, merged_json=""):
                      f"**{word}**: the steps it needs to reach LoRA's final held-out loss ({target:.4f} after "
                      f"{lora_steps} steps), per seed: {reach}" + (f"; {pace:.2f}x LoRA's pace" if pace else "") +
                      " (curves are evaluated every 25 steps, so this resolves 25 steps)")
-    lines += fed_report(fed_recs) + merged_report(merged_json)
+    lines += fed_report(fed_recs) + fed_figure(fed_recs, results_dir) + merged_report(merged_json)
     for dy in ("dylora", "dylora-nf"):  # claim 4: one run used at every rank, against LoRA trained at that rank
         runs_by_rank = [r.get("val_loss_by_rank") for r in by.get(dy, []) if r.get("val_loss_by_rank")]
         if not runs_by_rank:

@@ -259,6 +259,11 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     text = open(rec / "RESULTS.md").read()
     assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy, lr from sb's sweep" in text
     assert "| fed-sb-r32 | 0.02 |" in text and "Claim 5's protocol: `fed.py` with 2 clients" in text
+    try:
+        import matplotlib  # noqa: F401
+        assert "(fed_plane.png)" in text and (rec / "fed_plane.png").stat().st_size > 10_000
+    except ImportError:
+        assert "fed_plane.png" not in text
     assert "DP-SGD, epsilon 3 per client" in text and "Fed-SB dominates fedex (the paper's bytes)" in text
     # the records stand for these fed.py flags only: under others the command stops at once, before any run
     forbid_runs(monkeypatch)
