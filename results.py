@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import cli
@@ -186,6 +187,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
     failed = None
     runs_dir = flagged(args.out_dir, stage, extra)
     if not os.path.isfile(os.path.join(runs_dir, rname, "summary.json")):  # else finished: record it
+        not_stopped(rname)
         try:
             train(runs_dir, rname, RUNS[name] + [
                 "--model", args.model, "--data", args.data, "--test_data", test, "--lr", f"{lr:g}", "--seed",
@@ -241,6 +243,7 @@ def fed_run(name, lr, eps, seed, args, extra):
         return same_flags(json.load(open(path)), path, extra)
     out_dir = flagged(args.out_dir, "fed", extra)
     if not os.path.isfile(os.path.join(out_dir, rname, "summary.json")):
+        not_stopped(rname)
         argv = FED_RUNS[name] + ["--model", args.model, "--data", args.data, "--seed", str(seed), "--out_dir", out_dir,
                                  "--run_name", rname, "--overwrite"]
         argv += [] if any(f.startswith("--lr=") for f in extra) else ["--lr", f"{lr:g}"]  # else in extra already
@@ -259,29 +262,52 @@ def fed_run(name, lr, eps, seed, args, extra):
 
 
 def write_record(rec, path):
-    """A finished run's record, written whole: concurrent runs (--jobs), a report read meanwhile and a crash see
-    the whole record or none."""
+    """A finished run's record, written whole (runs.save_json: a temporary file, then os.replace): concurrent runs
+    (--jobs), a report read meanwhile and a crash see the whole record or none."""
+    import runs
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(path + ".tmp", path)
+    runs.save_json(rec, path)
+
+
+STOP = threading.Event()  # set by a failed run under --jobs (or Ctrl-C): no run starts after it
 
 
 def concurrently(jobs, tasks):
     """Run the thunks `tasks`, `jobs` at a time (each waits on its own process, so threads suffice). After a
-    failure no further task starts; the running ones finish (their records are kept) and the first failure is
-    raised."""
+    failure or Ctrl-C no further run starts (a task checks STOP before each run it starts: a sweep is several);
+    the running ones finish (their records are kept), and the first failure is raised."""
+    STOP.clear()
     if jobs == 1:
         return [t() for t in tasks]
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+    failures = []
+
+    def guarded(task):
+        try:
+            return task()
+        except BaseException as e:
+            if not STOP.is_set():
+                failures.append(e)
+            STOP.set()  # before this thread takes the next task
+            raise
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(t) for t in tasks]
-        wait(futures, return_when=FIRST_EXCEPTION)  # returns at the first failure, not when its turn comes
-        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
-        if failed:
-            pool.shutdown(cancel_futures=True)  # nothing new starts; waits for the running ones
-            raise failed.exception()
+        futures = [pool.submit(guarded, t) for t in tasks]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)  # returns at the first failure, not when its turn comes
+        except BaseException:  # Ctrl-C (the running runs' processes got it too): start nothing more
+            STOP.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        if failures:
+            pool.shutdown(cancel_futures=True)  # waits for the running ones
+            raise failures[0]
         return [f.result() for f in futures]
+
+
+def not_stopped(name):
+    """Under --jobs, a run about to start after another failed (or Ctrl-C) is not started."""
+    if STOP.is_set():
+        raise UserError(f"{name} not started: another run failed")
 
 
 def fed_lr(name, results_dir, extra=()):
@@ -290,7 +316,13 @@ def fed_lr(name, results_dir, extra=()):
     not swept on its own: each client's 20 local steps from the shared adapter are centralised training's steps."""
     given = [f.split("=", 1)[1] for f in extra if f.startswith("--lr=")]
     if given:  # one lr for every strategy, as the command says
-        return float(given[-1]), "--lr"
+        try:
+            lr = float(given[-1])
+        except ValueError:
+            lr = 0.0
+        if not lr > 0:
+            raise UserError(f"--lr must be a number > 0, got {given[-1]!r}")
+        return lr, "--lr"
     source = FED_LR[FED_RUNS[name][1]]
     lr = chosen_lr(source, results_dir)
     if lr is None:
@@ -342,19 +374,18 @@ def fed_report(recs):
              "average of the clients' updates (and FedIT's does not) is checked by "
              "tests/test_fed.py::test_aggregation_exactness, not by these runs."]
     for eps, src in sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1])):
-        groups = {}
+        groups = {}  # by run and lr: seeds of one run at two lrs are two points, never one
         for r in recs:
             if (r["eps"], r.get("lr_from", "")) == (eps, src):
-                groups.setdefault(r["name"], []).append(r)
+                groups.setdefault((r["name"], r.get("lr")), []).append(r)
         pts = {n: (g[0]["strategy"], g[0]["bytes"], g[0]["paper_bytes"], [r["val_loss"] for r in g])
                for n, g in groups.items()}
         title = "without privacy" if eps == "inf" else f"DP-SGD, epsilon {eps} per client"
         lines += ["", f"### Claim 5: Fed-SB on the communication / held-out loss plane, {title}, lr from "
                   f"{src or 'fed.py'}", "", "| run | lr | bytes (fed.py's) | bytes (Fed-SB paper's) | held-out loss | "
                   "seeds |", "|---|---|---|---|---|---|"]
-        for n, (_, b, pb, ls) in sorted(pts.items(), key=lambda kv: kv[1][1]):
+        for (n, lr), (_, b, pb, ls) in sorted(pts.items(), key=lambda kv: kv[1][1]):
             m, sd = mean_std(ls)
-            lr = groups[n][0].get("lr")
             lines.append(f"| {n} | {'' if lr is None else format(lr, 'g')} | {b:,} | {pb:,} | {m:.4f} +- {sd:.4f} | "
                          f"{len(ls)} |")
         sb = [(b, pb, ls) for st, b, pb, ls in pts.values() if st == "sb"]
@@ -393,11 +424,11 @@ def fed_figure(recs, results_dir):
         runs_of = {}
         for r in recs:
             if (r["eps"], r.get("lr_from", "")) == (eps, src):
-                runs_of.setdefault((r["strategy"], r["name"]), []).append(r)
+                runs_of.setdefault((r["strategy"], r["name"], r.get("lr")), []).append(r)
         for ax, key, conv in ((row[0], "bytes", "fed.py's"), (row[1], "paper_bytes", "the Fed-SB paper's")):
-            for strategy in sorted({st for st, _ in runs_of}):
+            for strategy in sorted({st for st, *_ in runs_of}):
                 pts = sorted((g[0][key], *mean_std([r["val_loss"] for r in g]))
-                             for (st, _), g in runs_of.items() if st == strategy)
+                             for (st, *_), g in runs_of.items() if st == strategy)
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
                             capsize=3, label=strategy, lw=2 if strategy == "sb" else 1)
             title = "no privacy" if eps == "inf" else f"epsilon {eps}"
@@ -411,7 +442,8 @@ def fed_figure(recs, results_dir):
 def swept(name, results_dir):
     """The sweep records of run `name` (diverged ones included)."""
     d = os.path.join(results_dir, "sweep")
-    recs = [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if f.startswith(name + "_lr")] \
+    recs = [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))
+            if f.startswith(name + "_lr") and f.endswith(".json")] \
         if os.path.isdir(d) else []
     return [r for r in recs if r["name"] == name]
 
@@ -673,6 +705,15 @@ def plot(rows, out_dir, path):
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def resolve(args):
+    """The model folder and data files, fetched once here (after every check of the command), not by N concurrent
+    runs (--jobs) racing on one download."""
+    import fetch
+    args.model = fetch.resolve_model(args.model)
+    args.data = fetch.resolve_data(args.data, "train")
+    args.test_data = args.test_data and fetch.resolve_data(args.test_data, "test")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if cli.wants_help(argv):
@@ -696,6 +737,14 @@ def main(argv=None):
         factors, seeds = [float(f) for f in args.lr_factors], [int(s) for s in args.seeds]
     except ValueError:
         raise UserError("--lr_factors takes numbers (e.g. 0.5,1,2) and --seeds whole numbers (e.g. 0,1,2)") from None
+    if args.stage == "fed":  # the runs and their lrs first: an unknown run, a bad --lr or a missing sweep
+        fed_names = args.fed_runs.split(",")
+        bad = [n for n in fed_names if n not in FED_RUNS] + [e for e in args.dp_epsilons if not (
+            e == "inf" or e.replace(".", "", 1).isdigit() and float(e) > 0)]
+        if bad:
+            raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
+                            f"{bad[0]!r}")
+        lrs = {n: fed_lr(n, args.results_dir, extra)[0] for n in fed_names}
     # every committed record this stage would reuse must have been made with this command's flags: checked first,
     # so a mismatch stops the command before any run, not after some
     # (the seeds stage reads the sweep's records of its runs and of their base methods, whose lr a variant takes)
@@ -709,13 +758,14 @@ def main(argv=None):
                 same_flags(json.load(open(os.path.join(d, f))), os.path.join(d, f), extra)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)
-        fed_names = args.fed_runs.split(",")
-        bad = [n for n in fed_names if n not in FED_RUNS] + [e for e in args.dp_epsilons if not (
-            e == "inf" or e.replace(".", "", 1).isdigit() and float(e) > 0)]
-        if bad:
-            raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
-                            f"{bad[0]!r}")
-        lrs = {n: fed_lr(n, args.results_dir, extra)[0] for n in fed_names}  # every lr first: a missing sweep stops it here
+        d = os.path.join(args.results_dir, "fed")
+        for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:  # one lr per run name, or its seeds would mix
+            n, lr = f.split("_")[0], f.split("_lr")[-1].split("_eps")[0]
+            if f.endswith(".json") and n in lrs and lr != f"{lrs[n]:g}":
+                raise UserError(f"{os.path.join(d, f)} is {n} at lr {lr}, this command runs it at {lrs[n]:g} (the "
+                                f"sweep's choice or --lr changed): move the old records away, or pass another "
+                                f"--results_dir")
+        resolve(args)
         concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n], eps, sd, args, extra)
                                  for n in fed_names for eps in args.dp_epsilons for sd in seeds])
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
@@ -733,8 +783,10 @@ def main(argv=None):
                 raise UserError(f"no finished sweep run of {source} (for {n}) in {args.results_dir}/sweep: run "
                                 f"--stage sweep first")
             tasks += [functools.partial(evidence_run, "seeds", n, lr, s, args, extra) for s in seeds]
+        resolve(args)
         concurrently(args.jobs, tasks)
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
+    resolve(args)
     rows = [run(n, args, extra) for n in names]
     text = table(rows)
     if args.merged_check:  # scored as trained vs merged into a bf16 base (the README's precision table)

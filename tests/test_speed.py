@@ -273,6 +273,13 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
                       str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
                       "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "2", "--batch_size", "4",
                       "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
+    # the sweep's choice changed (a new best sb lr): the records at the old lr stop the command, not join its seeds
+    json.dump(dict(name="sb", lr=0.005, val_loss=0.5), open(rec / "sweep" / "sb_lr0.005_s0.json", "w"))
+    with pytest.raises(UserError, match=r"fed-sb-r32_lr0.02_eps3_s0.json is fed-sb-r32 at lr 0.02, this command "
+                                        r"runs it at 0.005 \(the sweep's choice or --lr changed\)"):
+        results.main(fed_argv + ["--clients", "2", "--rounds", "1", "--local_steps", "1", "--batch_size", "4",
+                                 "--val_size", "8", "--max_len", "384", "--dp_seed", "0"])
+    os.remove(rec / "sweep" / "sb_lr0.005_s0.json")
     # the same flags in another order are the same protocol: read back, nothing runs
     results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
                   str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
@@ -294,27 +301,23 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
 def test_jobs_run_concurrently(tmp_path, monkeypatch):
     """--jobs N: N runs at once, each still its own process, every record written whole; after a failure no new
     run starts, the running ones are recorded, and the failure is the command's one line. Each process here is a
-    stand-in fed.py that sleeps and writes the summary the record is read from (what the threads schedule is under
-    test, not fed.py)."""
+    stand-in fed.py that waits at a barrier (proof that the runs overlap) and writes the summary the record is read
+    from (what the threads schedule is under test, not fed.py)."""
     import threading
     import time
     results = script("results")
-    live, most, started, lock = [0], [0], [], threading.Lock()
+    started, barrier = [], [threading.Barrier(3, timeout=20)]
     real_run = subprocess.run
 
     def run(cmd, **kw):
         if cmd[0] != sys.executable:
             return real_run(cmd, **kw)
         a = dict(zip(cmd[2::2], cmd[3::2]))
-        with lock:
-            live[0] += 1
-            most[0] = max(most[0], live[0])
-            started.append(a["--run_name"])
-        time.sleep(0.5)
-        with lock:
-            live[0] -= 1
+        started.append(a["--run_name"])
+        barrier[0].wait()  # every run waits for N - 1 others: they run at once, or this times out
         if a["--method"] == "fedex" and a["--seed"] == "2":
             return subprocess.CompletedProcess(cmd, 1, stderr="error: out of memory\n")
+        time.sleep(1.0 if a["--method"] == "fedex" else 0)  # s1 outlives s2's failure
         os.makedirs(os.path.join(a["--out_dir"], a["--run_name"]))
         json.dump(dict(method=a["--method"], rank=int(a["--rank"]), final_val_loss=1.0, clients=2, rounds=1, dp=None,
                        total=dict(up_bytes=10, down_bytes=20), log=[dict(clients=[0, 1])],
@@ -322,21 +325,24 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
                   open(os.path.join(a["--out_dir"], a["--run_name"], "summary.json"), "w"))
         return subprocess.CompletedProcess(cmd, 0, stderr="")
     monkeypatch.setattr(subprocess, "run", run)
-    rec = tmp_path / "records"
-    argv = ["--model", "m", "--data", "d", "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec), "--stage",
-            "fed", "--dp_epsilons", "inf", "--seeds", "1,2,3", "--jobs", "3", "--clients", "2", "--lr", "0.01"]
-    results.main(argv + ["--fed_runs", "fed-sb-r32,fed-fedit-r4"])
-    assert most[0] == 3 and len(started) == 6 and len(os.listdir(rec / "fed")) == 6
+    rec, data_file = tmp_path / "records", tmp_path / "train.jsonl"
+    data_file.write_text("")
+    argv = ["--model", str(tmp_path), "--data", str(data_file), "--out_dir", str(tmp_path / "runs"), "--results_dir",
+            str(rec), "--stage", "fed", "--dp_epsilons", "inf", "--seeds", "1,2,3", "--clients", "2", "--lr", "0.01"]
+    results.main(argv + ["--fed_runs", "fed-sb-r32,fed-fedit-r4", "--jobs", "3"])
+    assert len(started) == 6 and len(os.listdir(rec / "fed")) == 6
     assert all(json.load(open(rec / "fed" / f))["flags"] == ["--clients=2", "--lr=0.01"] for f in os.listdir(rec / "fed"))
     started.clear()
+    barrier[0] = threading.Barrier(2, timeout=20)
     with pytest.raises(UserError, match=r"the fed-fedex-r4_lr0.01_epsinf_s2 run failed \(exit 1: error: out of memory\)"):
-        results.main(argv + ["--fed_runs", "fed-fedex-r4,fed-fedex-r16,fed-ffa-r4,fed-ffa-r16", "--jobs", "2"])
-    # s1 and s2 ran together; s2 failed, a run its end or s1's raced may finish, nothing after those starts
-    assert set(started[:2]) == {"fed-fedex-r4_lr0.01_epsinf_s1", "fed-fedex-r4_lr0.01_epsinf_s2"} and len(started) <= 4
+        results.main(argv + ["--fed_runs", "fed-fedex-r4,fed-fedex-r16,fed-ffa-r4", "--jobs", "2"])
+    # s1 and s2 ran together; s2 failed while s1 ran on: s1 is recorded, and no run started after the failure
+    assert sorted(started) == ["fed-fedex-r4_lr0.01_epsinf_s1", "fed-fedex-r4_lr0.01_epsinf_s2"]
+    assert sorted(os.listdir(rec / "fed"))[0] == "fed-fedex-r4_lr0.01_epsinf_s1.json"
     assert not any(f.endswith(".tmp") for f in os.listdir(rec / "fed"))
-    assert "fed-fedex-r4_lr0.01_epsinf_s1.json" in os.listdir(rec / "fed")
-    with pytest.raises(UserError, match="--jobs must be >= 1"):
-        results.main(argv + ["--jobs", "0"])
+    for bad, line in ((["--jobs", "0"], "--jobs must be >= 1"), (["--lr", "abc"], "--lr must be a number > 0")):
+        with pytest.raises(UserError, match=line):
+            results.main(argv + bad)
 
 
 def test_fed_dominance_verdicts():
@@ -418,8 +424,8 @@ def test_seeds_of_a_variant_take_its_methods_lr(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setitem(results.main.__globals__, "evidence_run", lambda stage, n, lr, seed, *a: ran.append((n, lr)))
     monkeypatch.setitem(results.main.__globals__, "report", lambda *a: "")
-    common = ["--stage", "seeds", "--model", "M", "--data", "d", "--test_data", "t", "--results_dir", str(tmp_path),
-              "--out_dir", str(tmp_path / "runs"), "--seeds", "1"]
+    common = ["--stage", "seeds", "--model", str(tmp_path), "--data", "d", "--test_data", "t", "--results_dir",
+              str(tmp_path), "--out_dir", str(tmp_path / "runs"), "--seeds", "1"]
     results.main(common + ["--methods", "lora-r8,lora-r4,lora"])
     assert ran == [("lora-r8", 4e-3), ("lora-r4", 1e-2), ("lora", 4e-3)]
     with pytest.raises(UserError, match=r"no finished sweep run of xs \(for xs-r16\)"):
