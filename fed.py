@@ -338,6 +338,12 @@ def check_dp_options(cfg: FedConfig):
     if not 0 <= cfg.dp_delta < 1:
         raise UserError(f"--dp_delta must be in (0, 1/n) for clients of n examples, got {cfg.dp_delta} "
                         f"(0, the default: min(1e-5, n^-1.1))")
+    if math.isfinite(cfg.dp_epsilon):  # private: the accountant must be there before any data or model loads
+        try:
+            import opacus.accountants  # noqa: F401
+        except ImportError:
+            raise UserError("--dp_epsilon needs Opacus, whose privacy accountant fed.py uses: pip install "
+                            "opacus") from None
 
 
 def privacy_plan(cfg: FedConfig, shards, steps, saved=None):

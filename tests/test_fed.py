@@ -400,6 +400,11 @@ def test_dp_settings_are_checked_before_the_model_loads(tmp_path, tiny_dir, gsm_
             fed.main(common(tmp_path, tiny_dir, gsm_file, "--clients", "2", *extra))
         assert "\n" not in str(e.value)
     assert fed.default_delta(20) == 1e-5 and fed.default_delta(10 ** 6) == (10 ** 6) ** -1.1 < 1e-5  # below 1/n
+    import sys
+    monkeypatch.setitem(sys.modules, "opacus.accountants", None)  # as where Opacus is not installed
+    with pytest.raises(UserError, match=r"^--dp_epsilon needs Opacus, whose privacy accountant fed.py uses: pip "
+                                        r"install opacus$"):
+        fed.main(common(tmp_path, tiny_dir, gsm_file, "--clients", "2", "--dp_epsilon", "3"))
 
 
 def test_private_resume_keeps_the_accountant_history(tmp_path, tiny_dir, gsm_file, monkeypatch, capsys):
