@@ -48,7 +48,9 @@ FED_RUNS = {  # claim 5: fed.py strategies at several ranks (Fed-SB's R is r x r
     **{f"fed-sb-r{r}": ["--method", "sb", "--rank", str(r)] for r in (32, 64, 128)},
     **{f"fed-{m}-r{r}": ["--method", m, "--rank", str(r)] for m in ("fedit", "ffa", "fedex") for r in (4, 16, 32)},
 }
-FED_LR = {"sb": "sb", "fedit": "lora", "ffa": "lora", "fedex": "lora"}  # strategy -> the run whose swept lr it takes
+FED_LR = {"sb": "sb", "fedit": "lora", "ffa": "lora", "fedex": "lora"}  # strategy -> the centralised sweep that
+# centres its own lr sweep (fed_sweep_run: at the middle rank of its runs)
+FED_SWEPT = "the fed sweep (seed 0)"  # the lr_from of the sweep's own runs
 
 
 @dataclass
@@ -71,6 +73,8 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     # whose sweep run chose the lr (reusing it would favour each method by its luckiest seed)
     fed_runs: str = ",".join(FED_RUNS)  # --stage fed: the federated runs (FED_RUNS), comma-separated
     dp_epsilons: tuple = ("inf", "1", "3", "7.5")  # --stage fed: each run without privacy (inf) and at these epsilons
+    fed_lr_factors: tuple = ("0.25", "1", "4")  # --stage fed: each strategy's lr sweep (fed_sweep_run, seed 0, no
+    # privacy): the lr its method's centralised sweep chose (FED_LR) times these, then past an edge (--lr_extend)
     lr_extend: int = 3  # sweep: while the best lr is at the grid's edge, try this many more beyond it (same ratio)
     jobs: int = 1  # sweep, seeds, fed: runs at once, each its own process (a small model leaves a GPU idle between
     # kernels; >1 shares it, so the records' train times are then not comparable)
@@ -205,13 +209,15 @@ def evidence_run(stage, name, lr, seed, args, extra):
     return rec
 
 
-def sweep(name, default_lr, factors, args, extra):
+def sweep(name, default_lr, factors, args, extra, run=None):
     """The lr grid (default_lr times each factor), then, while the lowest held-out loss sits at the grid's top or
     bottom edge, one more lr beyond that edge at the grid's own ratio (at most --lr_extend times): a small model
     often wants a larger lr than the papers' 7B settings, and an edge is no optimum. A run that diverged counts as
-    worse than any finished one, so the grid never extends past a divergence."""
-    lrs = sorted(default_lr * f for f in factors)
-    recs = [evidence_run("sweep", name, lr, 0, args, extra) for lr in lrs]
+    worse than any finished one, so the grid never extends past a divergence. `run(lr)` makes or reads one run
+    (default: train.py's, seed 0; claim 5's sweeps pass fed.py's)."""
+    run = run or (lambda lr: evidence_run("sweep", name, lr, 0, args, extra))
+    lrs = sorted(float(f"{default_lr * f:.6g}") for f in factors)  # the names records are filed under (:g)
+    recs = [run(lr) for lr in lrs]
     ratio = lrs[-1] / lrs[-2] if len(lrs) > 1 else 4.0
     for _ in range(args.lr_extend):
         done = [r for r in recs if r["val_loss"] is not None]
@@ -227,16 +233,16 @@ def sweep(name, default_lr, factors, args, extra):
             break
         lr = float(f"{lr:.6g}")  # the name a record is filed under (rname uses :g)
         lrs.append(lr)
-        recs.append(evidence_run("sweep", name, lr, 0, args, extra))
+        recs.append(run(lr))
         if recs[-1]["val_loss"] is None:
             break
     return recs
 
 
-def fed_run(name, lr, eps, seed, args, extra):
+def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
     """One fed.py run of claim 5 at learning rate `lr` (its own process), or its committed record in
     results_dir/fed/: the final held-out loss, the bytes moved in fed.py's convention and in the Fed-SB paper's, and
-    the epsilon spent."""
+    the epsilon spent; `lr_from` says where the lr came from (FED_SWEPT for a run of the lr sweep itself)."""
     rname = f"{name}_lr{lr:g}_eps{eps}_s{seed}"
     path = os.path.join(args.results_dir, "fed", rname + ".json")
     if os.path.isfile(path):
@@ -252,8 +258,8 @@ def fed_run(name, lr, eps, seed, args, extra):
     s = json.load(open(os.path.join(out_dir, rname, "summary.json")))
     paper = s["per_client_per_round"]["paper"]
     sent = sum(len(r["clients"]) for r in s["log"] if r.get("clients"))  # client-rounds
-    rec = dict(name=name, strategy=s["method"], rank=s["rank"], lr=lr, lr_from=fed_lr(name, args.results_dir, extra)[1],
-               eps=eps, seed=seed, val_loss=s["final_val_loss"],
+    rec = dict(name=name, strategy=s["method"], rank=s["rank"], lr=lr, lr_from=lr_from, eps=eps, seed=seed,
+               val_loss=s["final_val_loss"],
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
                epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"], flags=extra)
@@ -310,25 +316,44 @@ def not_stopped(name):
         raise UserError(f"{name} not started: another run failed")
 
 
-def fed_lr(name, results_dir, extra=()):
-    """(lr, where it comes from) of fed run `name`: the lr the centralised sweep chose for its strategy's method
-    (FED_LR: Fed-SB takes LoRA-SB's, the LoRA strategies LoRA's), as claims 1-4 tune theirs. Federated training is
-    not swept on its own: each client's 20 local steps from the shared adapter are centralised training's steps."""
+def given_lr(extra):
+    """The lr a command gives every fed run (--lr, passed on to fed.py), or None: then each strategy's is swept."""
     given = [f.split("=", 1)[1] for f in extra if f.startswith("--lr=")]
-    if given:  # one lr for every strategy, as the command says
-        try:
-            lr = float(given[-1])
-        except ValueError:
-            lr = 0.0
-        if not lr > 0:
-            raise UserError(f"--lr must be a number > 0, got {given[-1]!r}")
-        return lr, "--lr"
-    source = FED_LR[FED_RUNS[name][1]]
-    lr = chosen_lr(source, results_dir)
+    if not given:
+        return None
+    try:
+        lr = float(given[-1])
+    except ValueError:
+        lr = 0.0
+    if not lr > 0:
+        raise UserError(f"--lr must be a number > 0, got {given[-1]!r}")
+    return lr
+
+
+def fed_centre(strategy, results_dir):
+    """The centre of a strategy's fed lr sweep: the lr the centralised sweep chose for its method (FED_LR: Fed-SB
+    LoRA-SB's, the LoRA strategies LoRA's)."""
+    lr = chosen_lr(FED_LR[strategy], results_dir)
     if lr is None:
-        raise UserError(f"no finished sweep run of {source} (whose lr {name} takes) in {results_dir}/sweep: run "
-                        f"--stage sweep --methods {source} first")
-    return lr, f"{source}'s sweep"
+        raise UserError(f"no finished sweep run of {FED_LR[strategy]} (whose lr centres {strategy}'s fed sweep) in "
+                        f"{results_dir}/sweep: run --stage sweep --methods {FED_LR[strategy]} first")
+    return lr
+
+
+def fed_sweep_run(strategy, fed_names):
+    """The run a strategy's lr is swept at: the middle rank of its runs in --fed_runs (by default Fed-SB r64, the
+    others r16)."""
+    mine = sorted((n for n in fed_names if FED_RUNS[n][1] == strategy), key=lambda n: int(FED_RUNS[n][3]))
+    return mine[len(mine) // 2]
+
+
+def fed_chosen_lr(run, results_dir):
+    """The lr of the lowest held-out loss in a fed lr sweep (its run `run`, seed 0, no privacy), or None."""
+    d = os.path.join(results_dir, "fed")
+    recs = [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if f.endswith(".json") and
+            f.startswith(run + "_lr") and f.endswith("_epsinf_s0.json")] if os.path.isdir(d) else []
+    recs = [r for r in recs if r.get("lr_from") == FED_SWEPT and r["val_loss"] is not None]
+    return min(recs, key=lambda r: r["val_loss"])["lr"] if recs else None
 
 
 def flagged(out_dir, stage, extra):
@@ -370,9 +395,25 @@ def fed_report(recs):
              f"minus the held-out split), {r.get('rounds')} rounds, every client each round, flags "
              f"`{' '.join(r.get('flags', [])) or '(none)'}`; held-out loss of the global model after the last round; "
              "bytes summed over the run, up and down, in fed.py's convention (with Fed-SB's one-time download of B "
-             "and A) and in the Fed-SB paper's; each lr as its table says. That Fed-SB's aggregate equals the exact "
-             "average of the clients' updates (and FedIT's does not) is checked by "
-             "tests/test_fed.py::test_aggregation_exactness, not by these runs."]
+             "and A) and in the Fed-SB paper's. Each strategy's lr is chosen by a sweep of its own at the middle rank "
+             "of its runs (the sweep's table names them), seed 0, without privacy, on the held-out loss: the lr its "
+             "method's centralised sweep chose times `--fed_lr_factors`, extended past an edge as the centralised "
+             "sweep is; the seeds and the private runs take the chosen lr (or the command's `--lr`, as a table "
+             "says). That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does "
+             "not) is checked by tests/test_fed.py::test_aggregation_exactness, not by these runs."]
+    swept_recs = sorted((r for r in recs if r.get("lr_from") == FED_SWEPT), key=lambda r: (r["name"], r["lr"]))
+    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT]
+    if swept_recs:
+        best = {}
+        for r in swept_recs:
+            if r["val_loss"] is not None and (r["name"] not in best or r["val_loss"] < best[r["name"]]["val_loss"]):
+                best[r["name"]] = r
+        lines += ["", "### Claim 5's lr sweep (seed 0, without privacy, held-out loss)", "", "| run | lr | held-out "
+                  "loss |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['lr']:g} | " + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
+                  + (" (chosen)" if best.get(r["name"]) is r else "") + " |" for r in swept_recs]
+    if not recs:
+        lines += ["", "The seeds at the chosen lrs: not run yet."]
     for eps, src in sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1])):
         groups = {}  # by run and lr: seeds of one run at two lrs are two points, never one
         for r in recs:
@@ -410,6 +451,7 @@ def fed_report(recs):
 def fed_figure(recs, results_dir):
     """Claim 5's figure, fed_plane.png: held-out loss against the bytes a run moved, one row per privacy setting
     and lr source, the two byte conventions side by side, each strategy a line through its ranks."""
+    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT]  # the seeds, not the lr sweep
     groups = sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1]))
     try:
         if not groups:
@@ -737,6 +779,7 @@ def main(argv=None):
         factors, seeds = [float(f) for f in args.lr_factors], [int(s) for s in args.seeds]
     except ValueError:
         raise UserError("--lr_factors takes numbers (e.g. 0.5,1,2) and --seeds whole numbers (e.g. 0,1,2)") from None
+    wanted = {"fed": args.fed_runs.split(","), "sweep": names, "seeds": names}
     if args.stage == "fed":  # the runs and their lrs first: an unknown run, a bad --lr or a missing sweep
         fed_names = args.fed_runs.split(",")
         bad = [n for n in fed_names if n not in FED_RUNS] + [e for e in args.dp_epsilons if not (
@@ -744,11 +787,19 @@ def main(argv=None):
         if bad:
             raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
                             f"{bad[0]!r}")
-        lrs = {n: fed_lr(n, args.results_dir, extra)[0] for n in fed_names}
+        if 0 in seeds:
+            raise UserError("--stage fed runs seed 0 as each strategy's lr sweep: pass other --seeds (e.g. 1,2,3)")
+        try:
+            fed_factors = [float(f) for f in args.fed_lr_factors]
+        except ValueError:
+            raise UserError("--fed_lr_factors takes numbers (e.g. 0.25,1,4)") from None
+        given = given_lr(extra)
+        strategies = sorted({FED_RUNS[n][1] for n in fed_names})
+        centres = {} if given else {st: fed_centre(st, args.results_dir) for st in strategies}
+        swept_at = {st: fed_sweep_run(st, fed_names) for st in centres}
     # every committed record this stage would reuse must have been made with this command's flags: checked first,
     # so a mismatch stops the command before any run, not after some
     # (the seeds stage reads the sweep's records of its runs and of their base methods, whose lr a variant takes)
-    wanted = {"fed": args.fed_runs.split(","), "sweep": names, "seeds": names}
     if args.stage == "seeds":
         wanted["sweep"] = names + [RUNS[n][1] for n in names]
     for stage in {"sweep": ["sweep"], "seeds": ["sweep", "seeds"], "fed": ["fed"]}.get(args.stage, []):
@@ -758,15 +809,24 @@ def main(argv=None):
                 same_flags(json.load(open(os.path.join(d, f))), os.path.join(d, f), extra)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)
+        resolve(args)
+        # each strategy's lr: its own sweep first (seed 0, no privacy, at its middle rank; resumes from its records)
+        concurrently(args.jobs, [functools.partial(sweep, swept_at[st], centres[st], fed_factors, args, extra,
+                                                   run=functools.partial(fed_run, swept_at[st], eps="inf", seed=0,
+                                                                         args=args, extra=extra)) for st in centres])
+        lrs = {n: given or fed_chosen_lr(swept_at[FED_RUNS[n][1]], args.results_dir) for n in fed_names}
+        if None in lrs.values():
+            raise UserError(f"every run of a fed lr sweep diverged ({', '.join(n for n in lrs if lrs[n] is None)}):"
+                            f" pass smaller --fed_lr_factors")
         d = os.path.join(args.results_dir, "fed")
         for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:  # one lr per run name, or its seeds would mix
             n, lr = f.split("_")[0], f.split("_lr")[-1].split("_eps")[0]
-            if f.endswith(".json") and n in lrs and lr != f"{lrs[n]:g}":
+            if f.endswith(".json") and n in lrs and lr != f"{lrs[n]:g}" and not f.endswith("_epsinf_s0.json"):
                 raise UserError(f"{os.path.join(d, f)} is {n} at lr {lr}, this command runs it at {lrs[n]:g} (the "
                                 f"sweep's choice or --lr changed): move the old records away, or pass another "
                                 f"--results_dir")
-        resolve(args)
-        concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n], eps, sd, args, extra)
+        source = "--lr" if given else "each strategy's fed sweep"
+        concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n], eps, sd, args, extra, lr_from=source)
                                  for n in fed_names for eps in args.dp_epsilons for sd in seeds])
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     if args.stage in ("sweep", "seeds"):

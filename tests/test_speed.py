@@ -228,37 +228,55 @@ def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
 
 
 def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
-    """Claim 5's pipeline: fed.py runs recorded with their bytes in both conventions (Fed-SB: the paper counts no
-    setup; FedEx: its download K P) and held-out loss, with DP-SGD's epsilon, and the report's dominance lines."""
+    """Claim 5's pipeline: each strategy's lr swept at the middle rank of its runs (here its only one; seed 0, no
+    privacy) around its method's centralised choice, then the seeds at the chosen lr; fed.py runs recorded with their bytes in both conventions
+    (Fed-SB: the paper counts no setup; FedEx: its download K P) and held-out loss, with DP-SGD's epsilon, and the
+    report's sweep table and dominance lines."""
     import fed
-    run_scripts_in_process(monkeypatch, fed.main)
     results = script("results")
     rec = tmp_path / "records"
-    fed_argv = ["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec),
-                "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--seeds", "0", "--device", "cpu"]
-    forbid_runs(monkeypatch)  # each strategy takes its method's swept lr: with no sweep, one line before any run
-    with pytest.raises(UserError, match=r"no finished sweep run of sb \(whose lr fed-sb-r32 takes\) in .*: run "
-                                        r"--stage sweep --methods sb first"):
-        results.main(fed_argv)
+    tiny = ["--clients", "2", "--rounds", "1", "--local_steps", "1", "--batch_size", "4", "--val_size", "8",
+            "--max_len", "384", "--device", "cpu", "--dp_seed", "0"]
+    argv = ["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec),
+            "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--seeds", "1", "--fed_lr_factors", "0.5,1",
+            "--lr_extend", "0"]
+    forbid_runs(monkeypatch)  # a sweep centres on its method's centralised choice: with none, one line, no run
+    with pytest.raises(UserError, match=r"no finished sweep run of lora \(whose lr centres fedex's fed sweep\) in .*: "
+                                        r"run --stage sweep --methods lora first"):
+        results.main(argv + tiny)
+    with pytest.raises(UserError, match=r"--stage fed runs seed 0 as each strategy's lr sweep: pass other --seeds"):
+        results.main(argv + tiny + ["--seeds", "0,1"])
     os.makedirs(rec / "sweep")
     for name, lr, loss in (("sb", 0.01, 1.0), ("sb", 0.02, 0.9), ("sb", 0.04, None), ("lora", 0.001, 1.0)):
         json.dump(dict(name=name, lr=lr, val_loss=loss), open(rec / "sweep" / f"{name}_lr{lr:g}_s0.json", "w"))
     cmds = []
     run_scripts_in_process(monkeypatch, fed.main, cmds)
-    results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
-                  str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
-                  "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "1", "--batch_size", "4",
-                  "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
-    recs = {f: json.load(open(rec / "fed" / f)) for f in os.listdir(rec / "fed")}
-    assert len(recs) == 4
-    sb, fx = recs["fed-sb-r32_lr0.02_epsinf_s0.json"], recs["fed-fedex-r4_lr0.001_epsinf_s0.json"]
-    assert sb["lr_from"] == "sb's sweep" and fx["lr"] == 0.001 and fx["lr_from"] == "lora's sweep"
-    assert [c[c.index("--lr") + 1] for c in cmds] == ["0.02", "0.02", "0.001", "0.001"]  # what fed.py was given
+    results.main(argv + tiny + ["--dp_epsilons", "inf,3"])
+    ran = [(c[c.index("--run_name") + 1], c[c.index("--lr") + 1]) for c in cmds]  # what fed.py was given
+    sweep = {r: json.load(open(rec / "fed" / f"{r}.json")) for r, _ in ran[:4]}
+    assert sorted(sweep) == ["fed-fedex-r4_lr0.0005_epsinf_s0", "fed-fedex-r4_lr0.001_epsinf_s0",
+                             "fed-sb-r32_lr0.01_epsinf_s0", "fed-sb-r32_lr0.02_epsinf_s0"]  # 0.02 x 0.5, 1
+    assert all(r["lr_from"] == results.FED_SWEPT and r["eps"] == "inf" for r in sweep.values())
+    lrs = {st: min((r for r in sweep.values() if r["strategy"] == st), key=lambda r: r["val_loss"])["lr"]
+           for st in ("sb", "fedex")}
+    assert sorted(ran[4:]) == sorted((f"{n}_lr{lrs[st]:g}_eps{e}_s1", f"{lrs[st]:g}") for n, st in
+                                     (("fed-sb-r32", "sb"), ("fed-fedex-r4", "fedex")) for e in ("inf", "3"))
+    sb = json.load(open(rec / "fed" / f"fed-sb-r32_lr{lrs['sb']:g}_epsinf_s1.json"))
+    fx = json.load(open(rec / "fed" / f"fed-fedex-r4_lr{lrs['fedex']:g}_epsinf_s1.json"))
+    assert sb["lr_from"] == fx["lr_from"] == "each strategy's fed sweep"
     assert sb["bytes"] > sb["paper_bytes"]  # ours counts the one-time download of B and A
-    assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < recs["fed-sb-r32_lr0.02_eps3_s0.json"]["epsilon"] <= 3
+    priv = json.load(open(rec / "fed" / f"fed-sb-r32_lr{lrs['sb']:g}_eps3_s1.json"))
+    assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < priv["epsilon"] <= 3
     text = open(rec / "RESULTS.md").read()
-    assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy, lr from sb's sweep" in text
-    assert "| fed-sb-r32 | 0.02 |" in text and "Claim 5's protocol: `fed.py` with 2 clients" in text
+    assert "### Claim 5's lr sweep (seed 0, without privacy, held-out loss)" in text
+    assert f"| fed-sb-r32 | {lrs['sb']:g} | {min(r['val_loss'] for r in sweep.values() if r['strategy'] == 'sb'):.4f}" \
+           f" (chosen) |" in text
+    assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy, lr from each strategy's " \
+           "fed sweep" in text
+    assert f"| fed-sb-r32 | {lrs['sb']:g} |" in text and "Claim 5's protocol: `fed.py` with 2 clients" in text
+    plane = text.split("without privacy, lr from")[1].split("###")[0]
+    assert plane.count("| fed-sb-r32 |") == 1 and "| 1 |" in plane and "| 2 |" not in plane  # seed 1 alone: the
+    # sweep's seed-0 runs are no points of the plane
     try:
         import matplotlib  # noqa: F401
         assert "(fed_plane.png)" in text and (rec / "fed_plane.png").stat().st_size > 10_000
@@ -267,33 +285,27 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert "DP-SGD, epsilon 3 per client" in text and "Fed-SB dominates fedex (the paper's bytes)" in text
     # the records stand for these fed.py flags only: under others the command stops at once, before any run
     forbid_runs(monkeypatch)
-    with pytest.raises(UserError, match=r"fed-fedex-r4_lr0.001_eps3_s0.json was made with the flags --clients=2 --rounds=1 "
-                                        r"--local_steps=1 .* this command passes --clients=2 --rounds=1 --local_steps=2"):
-        results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
-                      str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
-                      "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "2", "--batch_size", "4",
-                      "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
-    # the sweep's choice changed (a new best sb lr): the records at the old lr stop the command, not join its seeds
-    json.dump(dict(name="sb", lr=0.005, val_loss=0.5), open(rec / "sweep" / "sb_lr0.005_s0.json", "w"))
-    with pytest.raises(UserError, match=r"fed-sb-r32_lr0.02_eps3_s0.json is fed-sb-r32 at lr 0.02, this command "
-                                        r"runs it at 0.005 \(the sweep's choice or --lr changed\)"):
-        results.main(fed_argv + ["--clients", "2", "--rounds", "1", "--local_steps", "1", "--batch_size", "4",
-                                 "--val_size", "8", "--max_len", "384", "--dp_seed", "0"])
-    os.remove(rec / "sweep" / "sb_lr0.005_s0.json")
+    with pytest.raises(UserError, match=r"fed-fedex-r4_lr0.0005_epsinf_s0.json was made with the flags --clients=2 "
+                                        r"--rounds=1 --local_steps=1 .* this command passes --clients=2 --rounds=1 "
+                                        r"--local_steps=2"):
+        results.main(argv + [a if a != "1" or i != 5 else "2" for i, a in enumerate(tiny)] + ["--dp_epsilons", "inf,3"])
     # the same flags in another order are the same protocol: read back, nothing runs
-    results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
-                  str(rec), "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--dp_epsilons", "inf,3",
-                  "--seeds", "0", "--local_steps", "1", "--rounds", "1", "--clients", "2", "--batch_size", "4",
-                  "--val_size", "8", "--max_len", "384", "--dp_seed", "0", "--device", "cpu"])
-    # other flags into fresh records: the runs made under the old flags (same out_dir) are not read back as these
+    results.main(argv + tiny[4:] + tiny[:4] + ["--dp_epsilons", "inf,3"])
+    # the sweep's choice changed (a better sb record appeared): the seeds at the old lr stop the command
+    other = 0.04 if lrs["sb"] != 0.04 else 0.08
+    json.dump(dict(sweep[f"fed-sb-r32_lr{lrs['sb']:g}_epsinf_s0"], lr=other, val_loss=-1.0),
+              open(rec / "fed" / f"fed-sb-r32_lr{other:g}_epsinf_s0.json", "w"))
+    with pytest.raises(UserError, match=rf"fed-sb-r32_lr{lrs['sb']:g}_eps3_s1.json is fed-sb-r32 at lr {lrs['sb']:g}, "
+                                        rf"this command runs it at {other:g} \(the sweep's choice or --lr changed\)"):
+        results.main(argv + tiny + ["--dp_epsilons", "inf,3"])
+    os.remove(rec / "fed" / f"fed-sb-r32_lr{other:g}_epsinf_s0.json")
+    # --lr: no sweep; other flags into fresh records, the runs under the old flags (same out_dir) not read back
     cmds = []
     run_scripts_in_process(monkeypatch, fed.main, cmds)
     results.main(["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir",
-                  str(tmp_path / "records2"), "--stage", "fed", "--fed_runs", "fed-sb-r32", "--dp_epsilons", "inf", "--lr",
-                  "0.02",
-                  "--seeds", "0", "--clients", "2", "--rounds", "1", "--local_steps", "2", "--batch_size", "4",
-                  "--val_size", "8", "--max_len", "384", "--device", "cpu", "--dp_seed", "0"])
-    new = json.load(open(tmp_path / "records2" / "fed" / "fed-sb-r32_lr0.02_epsinf_s0.json"))
+                  str(tmp_path / "records2"), "--stage", "fed", "--fed_runs", "fed-sb-r32", "--seeds", "1",
+                  "--dp_epsilons", "inf", "--lr", "0.02"] + tiny[:5] + ["2"] + tiny[6:])
+    new = json.load(open(tmp_path / "records2" / "fed" / "fed-sb-r32_lr0.02_epsinf_s1.json"))
     assert len(cmds) == 1 and "--local_steps=2" in new["flags"] and new["val_loss"] != sb["val_loss"]
     assert new["lr_from"] == "--lr" and "--lr" not in cmds[0][:cmds[0].index("--local_steps=2")]  # once, as given
 
