@@ -402,7 +402,9 @@ def fed_report(recs):
              "says). That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does "
              "not) is checked by tests/test_fed.py::test_aggregation_exactness, not by these runs."]
     swept_recs = sorted((r for r in recs if r.get("lr_from") == FED_SWEPT), key=lambda r: (r["name"], r["lr"]))
-    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT]
+    diverged = sorted(f"{r['name']} (lr {r['lr']:g}, epsilon {r['eps']}, seed {r['seed']})" for r in recs
+                      if r.get("lr_from") != FED_SWEPT and r["val_loss"] is None)
+    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT and r["val_loss"] is not None]
     if swept_recs:
         best = {}
         for r in swept_recs:
@@ -412,6 +414,8 @@ def fed_report(recs):
                   "loss |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['lr']:g} | " + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
                   + (" (chosen)" if best.get(r["name"]) is r else "") + " |" for r in swept_recs]
+    if diverged:  # a non-finite held-out loss: no point of the plane (fed.py trains on; its summary says null)
+        lines += ["", f"Diverged, left out of the tables below: {', '.join(diverged)}."]
     if not recs:
         lines += ["", "The seeds at the chosen lrs: not run yet."]
     for eps, src in sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1])):
@@ -451,7 +455,7 @@ def fed_report(recs):
 def fed_figure(recs, results_dir):
     """Claim 5's figure, fed_plane.png: held-out loss against the bytes a run moved, one row per privacy setting
     and lr source, the two byte conventions side by side, each strategy a line through its ranks."""
-    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT]  # the seeds, not the lr sweep
+    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT and r["val_loss"] is not None]  # the seeds' points
     groups = sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1]))
     try:
         if not groups:

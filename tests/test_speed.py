@@ -363,7 +363,7 @@ def test_fed_dominance_verdicts():
     results = script("results")
 
     def recs(name, strategy, b, losses):
-        return [dict(name=name, strategy=strategy, eps="inf", seed=s, bytes=b, paper_bytes=b, val_loss=v)
+        return [dict(name=name, strategy=strategy, lr=0.01, eps="inf", seed=s, bytes=b, paper_bytes=b, val_loss=v)
                 for s, v in enumerate(losses)]
     sb = recs("fed-sb-r32", "sb", 10, [1.0, 1.01, 0.99])
     lines = "\n".join(results.fed_report(sb + recs("fed-fedit-r4", "fedit", 20, [1.2, 1.21, 1.19]) +
@@ -372,6 +372,11 @@ def test_fed_dominance_verdicts():
     assert "Fed-SB dominates fedit (fed.py's bytes): **holds** (of its 1 points, 1 beaten and 0 missed" in lines
     assert "Fed-SB dominates fedex (fed.py's bytes): **inconclusive** (of its 1 points, 0 beaten and 0 missed" in lines
     assert "Fed-SB dominates ffa (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
+    # a diverged seed (fed.py's null held-out loss) is named, and left out of the plane
+    lines = "\n".join(results.fed_report(sb + [dict(sb[0], seed=3, val_loss=None)] +
+                                         recs("fed-fedit-r4", "fedit", 20, [1.2, 1.21, 1.19])))
+    assert "Diverged, left out of the tables below: fed-sb-r32 (lr 0.01, epsilon inf, seed 3)." in lines
+    assert "| fed-sb-r32 | 0.01 | 10 | 10 | 1.0000 +- 0.0100 | 3 |" in lines
 
 
 def test_bone_pace_verdict(tmp_path):
