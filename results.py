@@ -204,7 +204,7 @@ def evidence_run(stage, name, lr, seed, args, extra):
         rec = dict(name=name, method=RUNS[name][1], lr=lr, seed=seed, val_loss=None, diverged=True)
     else:
         rec = record(runs_dir, rname, name, args.model)
-    rec["flags"] = extra
+    rec["flags"], rec["jobs"] = extra, args.jobs  # jobs: runs sharing the GPU meanwhile (at most), for its times
     write_record(rec, path)
     return rec
 
@@ -640,7 +640,7 @@ def report(results_dir, path, merged_json=""):
         lines += ["", f"### Claim 4: one {dy} run ({mode}, {epochs:g} epoch{'s' * (epochs != 1)}) at each rank, "
                   "against LoRA trained at that rank", "", "| rank | DyLoRA held-out loss | LoRA at that rank | verdict |",
                   "|---|---|---|---|"]
-        lora_s = []
+        lora_s, shared = [], max(r.get("jobs", 1) for r in by[dy])
         for b in sorted({int(k) for d in runs_by_rank for k in d}):
             dyl = [d.get(str(b), d.get(b)) for d in runs_by_rank]
             name = "lora" if b == 16 else f"lora-r{b}"
@@ -648,13 +648,16 @@ def report(results_dir, path, merged_json=""):
             if name in loss and len(loss[name]) > 1 and len(dyl) > 1:
                 lm, lsd = mean_std(loss[name])
                 lora_s.append(mean_std([r["train_s"] for r in by[name]])[0])
+                shared = max([shared] + [r.get("jobs", 1) for r in by[name]])
                 word = verdict(dyl, loss[name], "lower").split("**")[1]
                 lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | {lm:.4f} +- {lsd:.4f} ({name}) | DyLoRA lower: {word} |")
             else:
                 lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | not run | |")
         if lora_s:
             lines.append(f"\nTraining cost: one {dy} run {mean_std([r['train_s'] for r in by[dy]])[0]:.1f} s; the "
-                         f"{len(lora_s)} LoRA runs it replaces {sum(lora_s):.1f} s together.")
+                         f"{len(lora_s)} LoRA runs it replaces {sum(lora_s):.1f} s together" + (
+                             f" (runs made up to {shared} at a time on one GPU, `--jobs`: these times include "
+                             f"that sharing and compare only roughly)." if shared > 1 else "."))
     try:  # claim 1's figure: held-out loss against trainable parameters
         if not by:
             raise ImportError

@@ -225,6 +225,11 @@ def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
     text = open(rec / "RESULTS.md").read()
     assert "Claim 4: one dylora run" in text and "| 1 |" in text and "(lora-r1) | DyLoRA lower:" in text
     assert "| 4 |" in text and "not run" in text and "Training cost: one dylora run" in text
+    assert "together." in text and all(r["jobs"] == 1 for r in dy)
+    path = rec / "seeds" / "dylora_lr0.01_s1.json"  # as if made beside 2 other runs (--jobs 3): its time is shared
+    json.dump(dict(json.load(open(path)), jobs=3), open(path, "w"))
+    results.report(str(rec), str(rec / "RESULTS.md"))
+    assert "together (runs made up to 3 at a time on one GPU, `--jobs`" in open(rec / "RESULTS.md").read()
 
 
 def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
