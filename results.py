@@ -262,7 +262,8 @@ def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
                val_loss=s["final_val_loss"],
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
-               epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"], flags=extra)
+               epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"], flags=extra,
+               jobs=args.jobs)
     write_record(rec, path)
     return rec
 
@@ -340,9 +341,14 @@ def fed_centre(strategy, results_dir):
     return lr
 
 
-def fed_sweep_run(strategy, fed_names):
-    """The run a strategy's lr is swept at: the middle rank of its runs in --fed_runs (by default Fed-SB r64, the
-    others r16)."""
+def fed_sweep_run(strategy, fed_names, results_dir):
+    """The run a strategy's lr is swept at: the one its records already sweep (a later command with other --fed_runs
+    keeps it), else the middle rank of its runs in --fed_runs (by default Fed-SB r64, the others r16)."""
+    d = os.path.join(results_dir, "fed")
+    for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if f.endswith("_epsinf_s0.json") and FED_RUNS.get(f.split("_")[0], [None, None])[1] == strategy:
+            if json.load(open(os.path.join(d, f))).get("lr_from") == FED_SWEPT:
+                return f.split("_")[0]
     mine = sorted((n for n in fed_names if FED_RUNS[n][1] == strategy), key=lambda n: int(FED_RUNS[n][3]))
     return mine[len(mine) // 2]
 
@@ -374,11 +380,28 @@ def same_flags(rec, path, extra):
 
 
 def welch_t(a, b):
-    """(Welch's t that the mean of `a` is below that of `b`, the decisive |t|: Student's 97.5% point, n - 1 dof)."""
+    """(Welch's t that the mean of `a` is below that of `b`, the decisive |t|: Student's 97.5% point, n - 1 dof;
+    with one value on a side nothing is decisive: its spread is unknown)."""
+    if min(len(a), len(b)) < 2:
+        return 0.0, float("inf")
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     se = (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5
     t = (mb - ma) / se if se > 0 else float("inf") * ((mb > ma) - (mb < ma))
     return t, {2: 12.7, 3: 4.3, 4: 3.2, 5: 2.8}.get(min(len(a), len(b)), 2.0)
+
+
+def plane_points(recs):
+    """Claim 5's records that are points of the plane (the seeds, not the lr sweep), and the runs left out: a run
+    (name, lr, epsilon) with a diverged seed (fed.py's null held-out loss) counts for nothing, since its lucky seeds
+    alone would favour it."""
+    others = [r for r in recs if r.get("lr_from") != FED_SWEPT]
+    seeds_of = {}
+    for r in others:
+        seeds_of.setdefault((r["name"], r.get("lr"), r["eps"]), []).append(r["val_loss"])
+    bad = {k for k, v in seeds_of.items() if None in v}
+    diverged = [f"{n} (lr {lr:g}, epsilon {eps}: {seeds_of[n, lr, eps].count(None)} of {len(seeds_of[n, lr, eps])} "
+                f"seeds)" for n, lr, eps in sorted(bad, key=str)]
+    return [r for r in others if (r["name"], r.get("lr"), r["eps"]) not in bad], diverged
 
 
 def fed_report(recs):
@@ -395,16 +418,15 @@ def fed_report(recs):
              f"minus the held-out split), {r.get('rounds')} rounds, every client each round, flags "
              f"`{' '.join(r.get('flags', [])) or '(none)'}`; held-out loss of the global model after the last round; "
              "bytes summed over the run, up and down, in fed.py's convention (with Fed-SB's one-time download of B "
-             "and A) and in the Fed-SB paper's. Each strategy's lr is chosen by a sweep of its own at the middle rank "
-             "of its runs (the sweep's table names them), seed 0, without privacy, on the held-out loss: the lr its "
-             "method's centralised sweep chose times `--fed_lr_factors`, extended past an edge as the centralised "
-             "sweep is; the seeds and the private runs take the chosen lr (or the command's `--lr`, as a table "
-             "says). That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does "
-             "not) is checked by tests/test_fed.py::test_aggregation_exactness, not by these runs."]
+             "and A) and in the Fed-SB paper's; "]
     swept_recs = sorted((r for r in recs if r.get("lr_from") == FED_SWEPT), key=lambda r: (r["name"], r["lr"]))
-    diverged = sorted(f"{r['name']} (lr {r['lr']:g}, epsilon {r['eps']}, seed {r['seed']})" for r in recs
-                      if r.get("lr_from") != FED_SWEPT and r["val_loss"] is None)
-    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT and r["val_loss"] is not None]
+    lines[-1] += ("each strategy's lr is chosen by a sweep of its own at one rank (the sweep's table names it), "
+                  "seed 0, without privacy, on the held-out loss: the lr its method's centralised sweep chose times "
+                  "`--fed_lr_factors`, extended past an edge as the centralised sweep is; the seeds and the private "
+                  "runs take the chosen lr. " if swept_recs else "each table names where its lrs come from. ") + (
+        "That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does not) is "
+        "checked by tests/test_fed.py::test_aggregation_exactness, not by these runs.")
+    recs, diverged = plane_points(recs)
     if swept_recs:
         best = {}
         for r in swept_recs:
@@ -415,7 +437,8 @@ def fed_report(recs):
         lines += [f"| {r['name']} | {r['lr']:g} | " + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
                   + (" (chosen)" if best.get(r["name"]) is r else "") + " |" for r in swept_recs]
     if diverged:  # a non-finite held-out loss: no point of the plane (fed.py trains on; its summary says null)
-        lines += ["", f"Diverged, left out of the tables below: {', '.join(diverged)}."]
+        lines += ["", f"Diverged (a null held-out loss), left out with all their seeds from the tables and verdicts "
+                      f"below: {', '.join(diverged)}."]
     if not recs:
         lines += ["", "The seeds at the chosen lrs: not run yet."]
     for eps, src in sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1])):
@@ -455,7 +478,7 @@ def fed_report(recs):
 def fed_figure(recs, results_dir):
     """Claim 5's figure, fed_plane.png: held-out loss against the bytes a run moved, one row per privacy setting
     and lr source, the two byte conventions side by side, each strategy a line through its ranks."""
-    recs = [r for r in recs if r.get("lr_from") != FED_SWEPT and r["val_loss"] is not None]  # the seeds' points
+    recs = plane_points(recs)[0]
     groups = sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1]))
     try:
         if not groups:
@@ -794,16 +817,19 @@ def main(argv=None):
         if bad:
             raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
                             f"{bad[0]!r}")
-        if 0 in seeds:
+        given = given_lr(extra)
+        if 0 in seeds and not given:
             raise UserError("--stage fed runs seed 0 as each strategy's lr sweep: pass other --seeds (e.g. 1,2,3)")
         try:
             fed_factors = [float(f) for f in args.fed_lr_factors]
         except ValueError:
-            raise UserError("--fed_lr_factors takes numbers (e.g. 0.25,1,4)") from None
-        given = given_lr(extra)
+            fed_factors = [0.0]
+        if not all(f > 0 for f in fed_factors):
+            raise UserError(f"--fed_lr_factors takes numbers > 0 (e.g. 0.25,1,4), got {','.join(args.fed_lr_factors)}")
         strategies = sorted({FED_RUNS[n][1] for n in fed_names})
         centres = {} if given else {st: fed_centre(st, args.results_dir) for st in strategies}
-        swept_at = {st: fed_sweep_run(st, fed_names) for st in centres}
+        swept_at = {st: fed_sweep_run(st, fed_names, args.results_dir) for st in centres}
+        wanted["fed"] += list(swept_at.values())
     # every committed record this stage would reuse must have been made with this command's flags: checked first,
     # so a mismatch stops the command before any run, not after some
     # (the seeds stage reads the sweep's records of its runs and of their base methods, whose lr a variant takes)
@@ -817,7 +843,10 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)
         resolve(args)
-        # each strategy's lr: its own sweep first (seed 0, no privacy, at its middle rank; resumes from its records)
+        # each strategy's lr: its own sweep first (seed 0, no privacy, at its middle rank; resumes from its records):
+        # every strategy's grid at once, then each one's steps past an edge
+        concurrently(args.jobs, [functools.partial(fed_run, swept_at[st], float(f"{centres[st] * f:.6g}"), "inf", 0,
+                                                   args, extra) for st in centres for f in fed_factors])
         concurrently(args.jobs, [functools.partial(sweep, swept_at[st], centres[st], fed_factors, args, extra,
                                                    run=functools.partial(fed_run, swept_at[st], eps="inf", seed=0,
                                                                          args=args, extra=extra)) for st in centres])

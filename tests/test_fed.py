@@ -402,6 +402,7 @@ def test_dp_settings_are_checked_before_the_model_loads(tmp_path, tiny_dir, gsm_
     assert fed.default_delta(20) == 1e-5 and fed.default_delta(10 ** 6) == (10 ** 6) ** -1.1 < 1e-5  # below 1/n
     import sys
     monkeypatch.setitem(sys.modules, "opacus.accountants", None)  # as where Opacus is not installed
+    monkeypatch.setattr(fed, "client_data", no_model)  # ... and said before any data is read
     with pytest.raises(UserError, match=r"^--dp_epsilon needs Opacus, whose privacy accountant fed.py uses: pip "
                                         r"install opacus$"):
         fed.main(common(tmp_path, tiny_dir, gsm_file, "--clients", "2", "--dp_epsilon", "3"))

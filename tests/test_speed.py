@@ -296,6 +296,14 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
         results.main(argv + [a if a != "1" or i != 5 else "2" for i, a in enumerate(tiny)] + ["--dp_epsilons", "inf,3"])
     # the same flags in another order are the same protocol: read back, nothing runs
     results.main(argv + tiny[4:] + tiny[:4] + ["--dp_epsilons", "inf,3"])
+    # more ranks later: the strategy's lr sweep stays the one its records hold (not a new one at the new middle rank)
+    cmds = []
+    run_scripts_in_process(monkeypatch, fed.main, cmds)
+    fx_runs = "fed-fedex-r4,fed-fedex-r16,fed-fedex-r32"
+    results.main([a if a != "fed-sb-r32,fed-fedex-r4" else fx_runs for a in argv] + tiny + ["--dp_epsilons", "inf"])
+    assert sorted(c[c.index("--run_name") + 1] for c in cmds) == [
+        f"fed-fedex-r{r}_lr{lrs['fedex']:g}_epsinf_s1" for r in (16, 32)]
+    forbid_runs(monkeypatch)
     # the sweep's choice changed (a better sb record appeared): the seeds at the old lr stop the command
     other = 0.04 if lrs["sb"] != 0.04 else 0.08
     json.dump(dict(sweep[f"fed-sb-r32_lr{lrs['sb']:g}_epsinf_s0"], lr=other, val_loss=-1.0),
@@ -377,11 +385,15 @@ def test_fed_dominance_verdicts():
     assert "Fed-SB dominates fedit (fed.py's bytes): **holds** (of its 1 points, 1 beaten and 0 missed" in lines
     assert "Fed-SB dominates fedex (fed.py's bytes): **inconclusive** (of its 1 points, 0 beaten and 0 missed" in lines
     assert "Fed-SB dominates ffa (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
-    # a diverged seed (fed.py's null held-out loss) is named, and left out of the plane
+    # a run with a diverged seed (fed.py's null held-out loss) is named and counts for nothing, its other seeds too
     lines = "\n".join(results.fed_report(sb + [dict(sb[0], seed=3, val_loss=None)] +
                                          recs("fed-fedit-r4", "fedit", 20, [1.2, 1.21, 1.19])))
-    assert "Diverged, left out of the tables below: fed-sb-r32 (lr 0.01, epsilon inf, seed 3)." in lines
-    assert "| fed-sb-r32 | 0.01 | 10 | 10 | 1.0000 +- 0.0100 | 3 |" in lines
+    assert "left out with all their seeds from the tables and verdicts below: fed-sb-r32 (lr 0.01, epsilon inf: " \
+           "1 of 4 seeds)." in lines and "| fed-sb-r32 |" not in lines
+    assert "Fed-SB dominates fedit (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
+    # one seed a side decides nothing, however far apart
+    lines = "\n".join(results.fed_report(sb[:1] + recs("fed-fedit-r4", "fedit", 20, [5.0])))
+    assert "Fed-SB dominates fedit (fed.py's bytes): **inconclusive**" in lines
 
 
 def test_bone_pace_verdict(tmp_path):
