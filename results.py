@@ -681,6 +681,13 @@ def report(results_dir, path, merged_json=""):
                          f"{len(lora_s)} LoRA runs it replaces {sum(lora_s):.1f} s together" + (
                              f" (runs made up to {shared} at a time on one GPU, `--jobs`: these times include "
                              f"that sharing and compare only roughly)." if shared > 1 else "."))
+    sub = os.path.join(results_dir, "dylora")  # claim 4 in the paper's longer regime: its own records and report
+    if os.path.basename(os.path.normpath(results_dir)) != "dylora":
+        lines += ["", "### Claim 4 in the paper's regime (3 epochs, frozen and non-frozen)", "",
+                  "In [dylora/RESULTS.md](dylora/RESULTS.md) (`python results.py --stage report --results_dir "
+                  f"{sub}`)." if os.path.isfile(os.path.join(sub, "RESULTS.md")) else
+                  "Not run yet: `python results.py --stage sweep|seeds --methods ... --epochs 3 --results_dir "
+                  f"{sub}` (README, Results)."]
     try:  # claim 1's figure: held-out loss against trainable parameters
         if not by:
             raise ImportError

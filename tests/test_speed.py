@@ -230,6 +230,13 @@ def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
     json.dump(dict(json.load(open(path)), jobs=3), open(path, "w"))
     results.report(str(rec), str(rec / "RESULTS.md"))
     assert "together (runs made up to 3 at a time on one GPU, `--jobs`" in open(rec / "RESULTS.md").read()
+    # the paper's regime has its own records and report in <results_dir>/dylora: the main report points there
+    assert "### Claim 4 in the paper's regime (3 epochs, frozen and non-frozen)\n\nNot run yet" in open(
+        rec / "RESULTS.md").read()
+    os.makedirs(rec / "dylora")
+    results.report(str(rec), str(rec / "dylora" / "RESULTS.md"))  # (any report: only its being there matters)
+    results.report(str(rec), str(rec / "RESULTS.md"))
+    assert "In [dylora/RESULTS.md](dylora/RESULTS.md)" in open(rec / "RESULTS.md").read()
 
 
 def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
