@@ -824,6 +824,12 @@ def main(argv=None):
         if bad:
             raise UserError(f"--fed_runs takes {', '.join(FED_RUNS)} and --dp_epsilons inf or numbers > 0; got "
                             f"{bad[0]!r}")
+        import fed  # each run's fed.py options, parsed here: a flag one strategy lacks stops it before any run
+        for n in fed_names:
+            try:
+                cli.parse_run(FED_RUNS[n] + extra, fed.FedConfig, fed.FED_METHODS)
+            except UserError as e:
+                raise UserError(f"{n} (fed.py {' '.join(FED_RUNS[n])}): {e}") from None
         given = given_lr(extra)
         if 0 in seeds and not given:
             raise UserError("--stage fed runs seed 0 as each strategy's lr sweep: pass other --seeds (e.g. 1,2,3)")

@@ -258,6 +258,9 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
         results.main(argv + tiny)
     with pytest.raises(UserError, match=r"--stage fed runs seed 0 as each strategy's lr sweep: pass other --seeds"):
         results.main(argv + tiny + ["--seeds", "0,1"])
+    with pytest.raises(UserError, match=r"^fed-fedex-r4 \(fed.py --method fedex --rank 4\): unknown option "
+                                        r"--init_samples"):  # LoRA-SB's option: the LoRA strategies have none
+        results.main(argv + tiny + ["--init_samples", "8"])
     os.makedirs(rec / "sweep")
     for name, lr, loss in (("sb", 0.01, 1.0), ("sb", 0.02, 0.9), ("sb", 0.04, None), ("lora", 0.001, 1.0)):
         json.dump(dict(name=name, lr=lr, val_loss=loss), open(rec / "sweep" / f"{name}_lr{lr:g}_s0.json", "w"))
