@@ -375,7 +375,8 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
     assert sorted(started) == ["fed-fedex-r4_lr0.01_epsinf_s1", "fed-fedex-r4_lr0.01_epsinf_s2"]
     assert sorted(os.listdir(rec / "fed"))[0] == "fed-fedex-r4_lr0.01_epsinf_s1.json"
     assert not any(f.endswith(".tmp") for f in os.listdir(rec / "fed"))
-    for bad, line in ((["--jobs", "0"], "--jobs must be >= 1"), (["--lr", "abc"], "--lr must be a number > 0")):
+    for bad, line in ((["--jobs", "0"], "--jobs must be >= 1"), (["--lr", "abc"], "--lr expects float, got 'abc'"),
+                      (["--lr", "0"], "--lr must be a number > 0")):
         with pytest.raises(UserError, match=line):
             results.main(argv + bad)
 
