@@ -667,9 +667,7 @@ def main(argv=None, clients=None):
     if saved is None:
         init_seqs = seqs if not cfg.sb_init_data else data.tokenize(
             data.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
-        # LoRA-SB's init step (lr_1) is the first step of train.py's epoch over the pooled data, as the paper's
-        # code takes it from the pooled loader; a client's schedule of 20 local steps warms up in one step, which
-        # would make lr_1 the full lr (14x train.py's on GSM8K: its warm-up is 14 steps)
+        # lr_1, LoRA-SB's init step: train.py's first step over the pooled data, not a client's (docstring)
         step.init_method(model, method, mcfg, init_seqs, cfg, tok.pad_id,
                          step.get_lr(0, cfg, math.ceil(len(seqs) / cfg.batch_size)), rank, world)
     else:  # the layers only: the saved state fills them

@@ -209,6 +209,11 @@ def evidence_run(stage, name, lr, seed, args, extra):
     return rec
 
 
+def lr_grid(centre, factors):
+    """The sweep's lrs, rounded as the names their records are filed under (:g)."""
+    return sorted(float(f"{centre * f:.6g}") for f in factors)
+
+
 def sweep(name, default_lr, factors, args, extra, run=None):
     """The lr grid (default_lr times each factor), then, while the lowest held-out loss sits at the grid's top or
     bottom edge, one more lr beyond that edge at the grid's own ratio (at most --lr_extend times): a small model
@@ -216,7 +221,7 @@ def sweep(name, default_lr, factors, args, extra, run=None):
     worse than any finished one, so the grid never extends past a divergence. `run(lr)` makes or reads one run
     (default: train.py's, seed 0; claim 5's sweeps pass fed.py's)."""
     run = run or (lambda lr: evidence_run("sweep", name, lr, 0, args, extra))
-    lrs = sorted(float(f"{default_lr * f:.6g}") for f in factors)  # the names records are filed under (:g)
+    lrs = lr_grid(default_lr, factors)
     recs = [run(lr) for lr in lrs]
     ratio = lrs[-1] / lrs[-2] if len(lrs) > 1 else 4.0
     for _ in range(args.lr_extend):
@@ -858,8 +863,8 @@ def main(argv=None):
         resolve(args)
         # each strategy's lr: its own sweep first (seed 0, no privacy, at its middle rank; resumes from its records):
         # every strategy's grid at once, then each one's steps past an edge
-        concurrently(args.jobs, [functools.partial(fed_run, swept_at[st], float(f"{centres[st] * f:.6g}"), "inf", 0,
-                                                   args, extra) for st in centres for f in fed_factors])
+        concurrently(args.jobs, [functools.partial(fed_run, swept_at[st], lr, "inf", 0, args, extra)
+                                 for st in centres for lr in lr_grid(centres[st], fed_factors)])
         concurrently(args.jobs, [functools.partial(sweep, swept_at[st], centres[st], fed_factors, args, extra,
                                                    run=functools.partial(fed_run, swept_at[st], eps="inf", seed=0,
                                                                          args=args, extra=extra)) for st in centres])
