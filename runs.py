@@ -176,10 +176,11 @@ def save_peft(model, method, out, base_model):
               os.path.join(out, "adapter_config.json"))
 
 
-def save_checkpoint(run_dir, step, adapter, optimizer, config):
-    """ckpt.pt: what --resume needs to continue exactly (whole tensors, whatever the number of processes)."""
+def save_checkpoint(run_dir, step, adapter, optimizer, config, **progress):
+    """ckpt.pt: what --resume needs to continue exactly (whole tensors, whatever the number of processes), and
+    `progress` (plain numbers: the training time and tokens so far, which a resumed run's summary goes on from)."""
     state = dict(step=step, adapter=adapter, optimizer=optimizer, rng_cpu=torch.get_rng_state(),
-                 config=json.dumps(config))
+                 config=json.dumps(config), **progress)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["rng_cuda"] = torch.cuda.get_rng_state()
     atomic_save(state, os.path.join(run_dir, "ckpt.pt"), torch.save)

@@ -218,11 +218,15 @@ def main(argv=None):
         runs.write_log(log, log_path)
     print(f"{tcfg.method}: {n_train:,} trainable parameters, init {init_s:.2f}s")
 
+    # a resumed run's time and tokens go on from its checkpoint's, so its summary is of the whole run
+    prior_s, prior_tok = (ckpt.get("train_s", 0.0), ckpt.get("tokens", 0)) if ckpt is not None else (0.0, 0)
+
     def checkpoint(done):  # every rank gathers (FSDP2 shards -> whole tensors); rank 0 writes
         adapter, optimizer = step.whole(method.adapter_state_dict(model)), step.whole(opt.state_dict())
         if rank == 0:
             runs.save_adapter(adapter, tcfg, mcfg, run_dir, done, base)
-            runs.save_checkpoint(run_dir, done, adapter, optimizer, config)
+            runs.save_checkpoint(run_dir, done, adapter, optimizer, config,
+                                 train_s=prior_s + time.time() - t_train - t_aside, tokens=prior_tok + tok_all)
 
     # the loop: nothing in it waits for the GPU except on log, eval and save steps
     model.grad_checkpoint = tcfg.grad_checkpoint
@@ -233,7 +237,7 @@ def main(argv=None):
     bar = tqdm(range(start, total), initial=start, total=total, desc=tcfg.method, dynamic_ncols=True, disable=rank > 0)
     loss_sum = torch.zeros((), device=device)  # summed on the device between log steps
     t_log, tok_log, slots, last_log, last_saved = time.time(), 0, 0, start, start
-    t_train, t_eval, tok_all = time.time(), 0.0, 0  # the loop's time, evaluations excluded
+    t_train, t_aside, tok_all = time.time(), 0.0, 0  # the loop's time, evaluations and checkpoints excluded
     vl = next((l["val_loss"] for l in reversed(log) if l.get("val_loss") is not None), float("nan"))  # the latest
     for it in bar:
         lr = step.get_lr(it, tcfg, total)
@@ -264,7 +268,7 @@ def main(argv=None):
         if done % tcfg.eval_every == 0 or done == total:
             t = time.time()
             vl = step.evaluate(model, val_batches)
-            t_eval += time.time() - t
+            t_aside += time.time() - t
             if rank == 0:
                 runs.append_log(dict(step=done, val_loss=round(vl, 5)), log_path)
             bar.write(f"step {done}: held-out loss {vl:.4f}")
@@ -273,12 +277,14 @@ def main(argv=None):
             held = vl if done % tcfg.eval_every == 0 or done == total else step.evaluate(
                 model, val_batches[:1] or batches[:1])
             check_finite(held, 1.0, done, last_saved, run_dir, "held-out loss of the weights to be saved")
+            t = time.time()
             checkpoint(done)
+            t_aside += time.time() - t
             last_saved = done
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    train_s = time.time() - t_train - t_eval
+    train_s = prior_s + time.time() - t_train - t_aside  # the whole run's, resumed parts included
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None  # training's peak
     if start >= total and ckpt is not None:
         print(f"{run_dir} had already finished ({total} steps)")
@@ -301,7 +307,7 @@ def main(argv=None):
         runs.save_hf(model, model_path, os.path.join(run_dir, "merged"), tcfg.export_dtype, tcfg.base_bits)
         print(f"merged model written to {run_dir}/merged")
     out = dict(run_dir=run_dir, steps=total, steps_this_run=total - start, trainable_params=n_train, init_s=init_s,
-               train_s=train_s, tok_s=tok_all / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
+               train_s=train_s, tok_s=(prior_tok + tok_all) / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
     runs.save_json(out, os.path.join(run_dir, "summary.json"))
     if fetch.is_synthetic(data_path):
         print("trained on SYNTHETIC arithmetic problems, NOT GSM8K (GSM8K could not be fetched: pass --data)")
