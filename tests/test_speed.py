@@ -124,6 +124,7 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     (tmp_path / "dylora" / "ckpt.pt").unlink()  # as if cut off before any checkpoint: started again
     rows3 = results.main(argv)
     assert "--resume" in cmds[0] and "--overwrite" in cmds[1] and [r["name"] for r in rows3] == ["lora", "dylora"]
+    assert "--save_every" not in cmds[0]  # train.py's checkpoints every 200 steps: a run cut off loses < 200 steps
 
 
 def test_committed_results_rebuild(tmp_path, monkeypatch):
@@ -137,7 +138,10 @@ def test_committed_results_rebuild(tmp_path, monkeypatch):
                     ignore=shutil.ignore_patterns("*.png", "RESULTS.md"))
     shutil.copy(os.path.join(root, "results", "precision_gpu.json"), tmp_path / "results")  # claim 6's runs
     monkeypatch.chdir(tmp_path)
-    results.main(["--stage", "report", "--results_dir", "results/evidence"])
+    results.main(["--stage", "report", "--results_dir", "results/evidence/dylora"])  # claim 4's longer regime
+    assert open("results/evidence/dylora/RESULTS.md").read() == open(
+        os.path.join(root, "results", "evidence", "dylora", "RESULTS.md")).read()
+    results.main(["--stage", "report", "--results_dir", "results/evidence"])  # (it links the regime's report)
     got = open(tmp_path / "results" / "evidence" / "RESULTS.md").read()
     want = open(os.path.join(root, "results", "evidence", "RESULTS.md")).read()
     try:
@@ -367,6 +371,11 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
     results.main(argv + ["--fed_runs", "fed-sb-r32,fed-fedit-r4", "--jobs", "3"])
     assert len(started) == 6 and len(os.listdir(rec / "fed")) == 6
     assert all(json.load(open(rec / "fed" / f))["flags"] == ["--clients=2", "--lr=0.01"] for f in os.listdir(rec / "fed"))
+    assert {json.load(open(rec / "fed" / f))["jobs"] for f in os.listdir(rec / "fed")} == {3}
+    started.clear()  # --jobs above the runs there are: a record says how many shared the GPU, not --jobs
+    results.main([str(tmp_path / "rec7") if a == str(rec) else a for a in argv] + ["--fed_runs", "fed-sb-r32", "--jobs",
+                                                                                   "7"])
+    assert {json.load(open(tmp_path / "rec7" / "fed" / f))["jobs"] for f in os.listdir(tmp_path / "rec7" / "fed")} == {3}
     started.clear()
     barrier[0] = threading.Barrier(2, timeout=20)
     with pytest.raises(UserError, match=r"the fed-fedex-r4_lr0.01_epsinf_s2 run failed \(exit 1: error: out of memory\)"):
