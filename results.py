@@ -246,8 +246,8 @@ def sweep(name, default_lr, factors, args, extra, run=None):
 
 
 def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
-    """One fed.py run of claim 5 at learning rate `lr` (its own process), or its committed record in
-    results_dir/fed/: the final held-out loss, the bytes moved in fed.py's convention and in the Fed-SB paper's, and
+    """One fed.py run of claim 5 at learning rate `lr` (its own process; one cut off after a round is resumed from
+    it), or its committed record in results_dir/fed/: the final held-out loss, the bytes moved in fed.py's convention and in the Fed-SB paper's, and
     the epsilon spent; `lr_from` says where the lr came from (FED_SWEPT for a run of the lr sweep itself)."""
     rname = f"{name}_lr{lr:g}_eps{eps}_s{seed}"
     path = os.path.join(args.results_dir, "fed", rname + ".json")
@@ -256,8 +256,9 @@ def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
     out_dir = flagged(args.out_dir, "fed", extra)
     if not os.path.isfile(os.path.join(out_dir, rname, "summary.json")):
         not_stopped(rname)
+        saved = os.path.isfile(os.path.join(out_dir, rname, "fed_state.pt"))  # cut off after a round: go on from it
         argv = FED_RUNS[name] + ["--model", args.model, "--data", args.data, "--seed", str(seed), "--out_dir", out_dir,
-                                 "--run_name", rname, "--overwrite"]
+                                 "--run_name", rname, "--resume" if saved else "--overwrite"]
         argv += [] if any(f.startswith("--lr=") for f in extra) else ["--lr", f"{lr:g}"]  # else in extra already
         argv += ["--dp_epsilon", eps] if eps != "inf" else []
         run_script("fed.py", rname, argv + extra)

@@ -286,6 +286,16 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert sb["bytes"] > sb["paper_bytes"]  # ours counts the one-time download of B and A
     priv = json.load(open(rec / "fed" / f"fed-sb-r32_lr{lrs['sb']:g}_eps3_s1.json"))
     assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < priv["epsilon"] <= 3
+    # a run cut off after its last saved round (fed_state.pt, no summary yet) goes on from it, not from the start
+    import glob
+    cut = f"fed-fedex-r4_lr{lrs['fedex']:g}_epsinf_s1"
+    os.remove(rec / "fed" / f"{cut}.json")
+    os.remove(glob.glob(str(tmp_path / "runs" / "*" / cut / "summary.json"))[0])
+    cmds = []
+    run_scripts_in_process(monkeypatch, fed.main, cmds)
+    results.main(argv + tiny + ["--dp_epsilons", "inf,3"])
+    assert len(cmds) == 1 and "--resume" in cmds[0] and "--overwrite" not in cmds[0]
+    assert json.load(open(rec / "fed" / f"{cut}.json"))["val_loss"] == fx["val_loss"]
     text = open(rec / "RESULTS.md").read()
     assert "### Claim 5's lr sweep (seed 0, without privacy, held-out loss)" in text
     assert f"| fed-sb-r32 | {lrs['sb']:g} | {min(r['val_loss'] for r in sweep.values() if r['strategy'] == 'sb'):.4f}" \
