@@ -247,8 +247,9 @@ def sweep(name, default_lr, factors, args, extra, run=None):
 
 def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
     """One fed.py run of claim 5 at learning rate `lr` (its own process; one cut off after a round is resumed from
-    it), or its committed record in results_dir/fed/: the final held-out loss, the bytes moved in fed.py's convention and in the Fed-SB paper's, and
-    the epsilon spent; `lr_from` says where the lr came from (FED_SWEPT for a run of the lr sweep itself)."""
+    it), or its committed record in results_dir/fed/: the final held-out loss, the bytes moved in fed.py's
+    convention and in the Fed-SB paper's, and the epsilon spent; `lr_from` says where the lr came from (FED_SWEPT
+    for a run of the lr sweep itself)."""
     rname = f"{name}_lr{lr:g}_eps{eps}_s{seed}"
     path = os.path.join(args.results_dir, "fed", rname + ".json")
     if os.path.isfile(path):
@@ -629,7 +630,7 @@ def report(results_dir, path, merged_json=""):
     for a, b, claim in claims:
         if a in loss and b in loss and len(loss[a]) > 1 and len(loss[b]) > 1:
             lines.append("- " + verdict(loss[a], loss[b], claim))
-        elif "-r" not in a and a in {r["name"] for r in sweep + seeds} | set(() if regime else (a,)):
+        elif "-r" not in a and (not regime or a in {r["name"] for r in sweep + seeds}):
             lines.append(f"- {claim}: not run yet")  # (a rank variant with one side missing is simply not listed)
     fit = {n: [sum(v for _, v in r["train_curve"][-5:]) / len(r["train_curve"][-5:]) for r in rs]
            for n, rs in by.items() if all(r.get("train_curve") for r in rs)}  # each seed's last 5 logged losses
