@@ -136,8 +136,9 @@ def parse_run(argv, cls, methods, saved=None):
     if saved and method != saved["train"]["method"]:
         raise UserError(f"--method {method}: this run was trained with {saved['train']['method']}, and a resumed run "
                         f"keeps its method (--overwrite starts a new run instead)")
-    if saved:
-        cfg, mcfg = from_dict(cls, saved["train"]), from_dict(methods[method].Config, saved["method_config"])
+    if saved:  # the run's settings, less what the command that saved them asked of the folder (this one says)
+        kept = {k: v for k, v in saved["train"].items() if k not in ("resume", "overwrite")}
+        cfg, mcfg = from_dict(cls, kept), from_dict(methods[method].Config, saved["method_config"])
     else:
         cfg, mcfg = cls(), methods[method].Config()
     return parse(argv, cfg, mcfg)

@@ -217,6 +217,16 @@ def test_resumed_summary_counts_the_whole_run(tmp_path, tiny_dir, gsm_file):
     assert tokens(out) == pytest.approx(tokens(whole), rel=1e-9) and tokens(out) > ckpt["tokens"]
 
 
+def test_resuming_a_run_started_with_overwrite_keeps_it(tmp_path, tiny_dir, gsm_file):
+    """results.py starts a run again with --overwrite; resumed later, the saved --overwrite must not come back and
+    clear the run's own checkpoint, log and adapter."""
+    train.main(base(tiny_dir, gsm_file, tmp_path, "--overwrite"))
+    train.main(["--resume", "--out_dir", str(tmp_path), "--run_name", "r", "--max_steps", "3"])
+    log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
+    assert log[0].get("base_model") and [e["step"] for e in log if "loss" in e] == [2, 3]  # (logged at the end)
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
 # eval.py
 def test_eval_errors(tmp_path, tiny_dir, gsm_file, monkeypatch):
     train.main(base(tiny_dir, gsm_file, tmp_path, name="a"))

@@ -261,6 +261,30 @@ def test_dropped_clients_and_resume(tmp_path, tiny_dir, gsm_file, monkeypatch, m
     assert [l["survivors"] for l in none["log"][1:]] == [0, 0, 0] and none["total"]["up_params"] == 0
 
 
+def test_resuming_a_run_started_with_overwrite_keeps_it(tmp_path, tiny_dir, gsm_file, monkeypatch):
+    """results.py starts every fed run with --overwrite; resumed after a cut, the saved --overwrite must not come
+    back and clear the run's fed_state.pt: cut again at once, it still goes on from its last round, not round 0."""
+    args = common(tmp_path, tiny_dir, gsm_file, "--method", "fedit", "--clients", "2", "--rounds", "3",
+                  "--local_steps", "1", "--lr", "1e-2", "--overwrite", name="cut")
+    real, calls = fed.local_train, []
+
+    def crash_at(n):
+        def local_train(*a, **k):
+            calls.append(1)
+            if len(calls) > n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return local_train
+    monkeypatch.setattr(fed, "local_train", crash_at(2))  # round 1 done and saved, killed in round 2
+    with pytest.raises(KeyboardInterrupt):
+        fed.main(args)
+    calls.clear()
+    monkeypatch.setattr(fed, "local_train", crash_at(0))  # resumed, and killed again before its first round ends
+    with pytest.raises(KeyboardInterrupt):
+        fed.main(["--resume", "--out_dir", str(tmp_path), "--run_name", "cut"])
+    assert torch.load(tmp_path / "cut" / "fed_state.pt", weights_only=True)["round"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------- privacy
 
 def test_accountant_pinned_values_and_sigma_search():
