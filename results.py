@@ -905,6 +905,12 @@ def main(argv=None):
             if lr is None:
                 raise UserError(f"no finished sweep run of {source} (for {n}) in {args.results_dir}/sweep: run "
                                 f"--stage sweep first")
+            d = os.path.join(args.results_dir, "seeds")
+            for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:  # one lr per run name, or its seeds would mix
+                if f.endswith(".json") and f.split("_")[0] == n and f.split("_lr")[-1].split("_s")[0] != f"{lr:g}":
+                    raise UserError(f"{os.path.join(d, f)} is {n} at lr {f.split('_lr')[-1].split('_s')[0]}, this "
+                                    f"command runs it at {lr:g} (the sweep's choice changed): move the old records "
+                                    f"away, or pass another --results_dir")
             tasks += [functools.partial(evidence_run, "seeds", n, lr, s, args, extra) for s in seeds]
         resolve(args)
         concurrently(args.jobs, tasks)

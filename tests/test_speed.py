@@ -199,6 +199,13 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     forbid_runs(monkeypatch)
     results.main(["--stage", "report", "--results_dir", str(rec)])
     assert open(rec / "RESULTS.md").read() == text
+    # the sweep's choice changed (a better lora record appeared): the seeds at the old lr stop the command, no run
+    old = results.chosen_lr("lora", str(rec))
+    json.dump(dict(json.load(open(next((rec / "sweep").glob("lora_*")))), lr=old * 3, val_loss=-1.0),
+              open(rec / "sweep" / f"lora_lr{old * 3:g}_s0.json", "w"))
+    with pytest.raises(UserError, match=rf"lora_lr{old:g}_s0.json is lora at lr {old:g}, this command runs it at "
+                                        rf"{old * 3:g} \(the sweep's choice changed\)"):
+        results.main(common + ["--stage", "seeds"])
 
 
 def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
