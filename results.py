@@ -374,8 +374,8 @@ def fed_chosen_lr(run, results_dir):
 
 def flagged(out_dir, stage, extra):
     """The folder of a stage's runs under the script's other flags: other flags, another folder, so a finished run
-    is read back only under the flags it was made with."""
-    return os.path.join(out_dir, stage + ("_" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
+    is read back only under the flags it was made with, in any order (as same_flags reads them)."""
+    return os.path.join(out_dir, stage + ("_" + hashlib.sha256(" ".join(sorted(extra)).encode()).hexdigest()[:8]
                                           if extra else ""))
 
 

@@ -407,6 +407,15 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
             results.main(argv + bad)
 
 
+def test_run_folders_ignore_the_order_of_flags():
+    """A command re-run with its flags in another order reads the same committed records (same_flags) and must find
+    its runs in flight in the same folder too, or every cut run would start again."""
+    results = script("results")
+    a, b = results.flagged("out", "seeds", ["--epochs=3", "--max_len=256"]), results.flagged(
+        "out", "seeds", ["--max_len=256", "--epochs=3"])
+    assert a == b != results.flagged("out", "seeds", ["--epochs=2", "--max_len=256"])
+
+
 def test_fed_dominance_verdicts():
     """Claim 5's verdict per strategy from seeds: a point is beaten only by a Fed-SB point with no more bytes whose
     loss is lower by Welch's t; a point no Fed-SB point is as cheap as is missed; a tie within noise is neither."""
