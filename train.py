@@ -218,14 +218,22 @@ def main(argv=None):
         runs.write_log(log, log_path)
     print(f"{tcfg.method}: {n_train:,} trainable parameters, init {init_s:.2f}s")
 
-    # a resumed run's time and tokens go on from its checkpoint's, so its summary is of the whole run
-    prior_s, prior_tok = (ckpt.get("train_s", 0.0), ckpt.get("tokens", 0)) if ckpt is not None else (0.0, 0)
+    # a resumed run's init time, training time, tokens and peak memory go on from its checkpoint's, so its summary
+    # is of the whole run (its init ran once, in the first process)
+    saved = ckpt if ckpt is not None else {}
+    init_s = saved.get("init_s", init_s)
+    prior_s, prior_tok = saved.get("train_s", 0.0), saved.get("tokens", 0)
+
+    def peak_gib():  # training's peak so far, over every process of the run
+        if device.type != "cuda":
+            return None
+        return max(saved.get("peak_gib") or 0.0, torch.cuda.max_memory_allocated() / 2**30)
 
     def checkpoint(done):  # every rank gathers (FSDP2 shards -> whole tensors); rank 0 writes
         adapter, optimizer = step.whole(method.adapter_state_dict(model)), step.whole(opt.state_dict())
         if rank == 0:
             runs.save_adapter(adapter, tcfg, mcfg, run_dir, done, base)
-            runs.save_checkpoint(run_dir, done, adapter, optimizer, config,
+            runs.save_checkpoint(run_dir, done, adapter, optimizer, config, init_s=init_s, peak_gib=peak_gib(),
                                  train_s=prior_s + time.time() - t_train - t_aside, tokens=prior_tok + tok_all)
 
     # the loop: nothing in it waits for the GPU except on log, eval and save steps
@@ -285,7 +293,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = prior_s + time.time() - t_train - t_aside  # the whole run's, resumed parts included
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None  # training's peak
+    peak = peak_gib()  # training's peak (before scoring)
     if start >= total and ckpt is not None:
         print(f"{run_dir} had already finished ({total} steps)")
 
@@ -307,7 +315,8 @@ def main(argv=None):
         runs.save_hf(model, model_path, os.path.join(run_dir, "merged"), tcfg.export_dtype, tcfg.base_bits)
         print(f"merged model written to {run_dir}/merged")
     out = dict(run_dir=run_dir, steps=total, steps_this_run=total - start, trainable_params=n_train, init_s=init_s,
-               train_s=train_s, tok_s=(prior_tok + tok_all) / max(train_s, 1e-9), peak_gib=peak_gib, val_loss=vl, gsm8k=summary)
+               train_s=train_s, tok_s=(prior_tok + tok_all) / max(train_s, 1e-9), peak_gib=peak, val_loss=vl,
+               gsm8k=summary)
     runs.save_json(out, os.path.join(run_dir, "summary.json"))
     if fetch.is_synthetic(data_path):
         print("trained on SYNTHETIC arithmetic problems, NOT GSM8K (GSM8K could not be fetched: pass --data)")

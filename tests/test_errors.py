@@ -205,14 +205,15 @@ def test_first_run_tells_the_truth(tmp_path, tiny_dir, gsm_file, monkeypatch, ca
 
 
 def test_resumed_summary_counts_the_whole_run(tmp_path, tiny_dir, gsm_file):
-    """Steps, training time and tokens of a resumed run are the whole run's (results.py's records of runs cut at a
-    device call's end and resumed report them), not only the part after the checkpoint."""
-    whole = train.main(base(tiny_dir, gsm_file, tmp_path, "--max_steps", "3", name="u"))
-    train.main(base(tiny_dir, gsm_file, tmp_path, "--max_steps", "2"))
+    """Steps, init and training time and tokens of a resumed run are the whole run's (results.py's records of runs
+    cut at a device call's end and resumed report them), not only the part after the checkpoint."""
+    whole = train.main(base(tiny_dir, gsm_file, tmp_path, "--max_steps", "3", method="ga", name="u"))
+    first = train.main(base(tiny_dir, gsm_file, tmp_path, "--max_steps", "2", method="ga"))  # a gradient init
     ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and ckpt["train_s"] > 0 and ckpt["tokens"] > 0
+    assert ckpt["step"] == 2 and ckpt["train_s"] > 0 and ckpt["tokens"] > 0 and ckpt["init_s"] == first["init_s"]
     out = train.main(["--resume", "--out_dir", str(tmp_path), "--run_name", "r", "--max_steps", "3"])
     assert out["steps"] == 3 and out["steps_this_run"] == 1 and out["train_s"] > ckpt["train_s"]
+    assert out["init_s"] == first["init_s"]  # the init ran once, in the first process (none ran on resume)
     tokens = lambda o: o["tok_s"] * o["train_s"]  # noqa: E731
     assert tokens(out) == pytest.approx(tokens(whole), rel=1e-9) and tokens(out) > ckpt["tokens"]
 
