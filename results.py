@@ -111,8 +111,9 @@ def run(name, args, extra):
     done = os.path.join(out, "result.json")
     if os.path.isfile(done):
         return json.load(open(done))
-    train(args.out_dir, name, RUNS[name] + ["--model", args.model, "--data", args.data, "--test_data",
-                                            args.test_data, "--eval_every", "50"] + extra)
+    if not os.path.isfile(os.path.join(out, "summary.json")):  # else trained and scored: not again
+        train(args.out_dir, name, RUNS[name] + ["--model", args.model, "--data", args.data, "--test_data",
+                                                args.test_data, "--eval_every", "50"] + extra)
     r = json.load(open(os.path.join(out, "summary.json")))
     cfg = json.load(open(os.path.join(out, "config.json")))
     res = dict(name=name, lr=cfg["train"]["lr"], rank=cfg["method_config"].get("rank"), steps=r["steps"],
@@ -830,6 +831,10 @@ def main(argv=None):
         factors, seeds = [float(f) for f in args.lr_factors], [int(s) for s in args.seeds]
     except ValueError:
         raise UserError("--lr_factors takes numbers (e.g. 0.5,1,2) and --seeds whole numbers (e.g. 0,1,2)") from None
+    owned = [f for f in extra if f.split("=")[0] in ("--lr", "--seed")]
+    if args.stage in ("sweep", "seeds") and owned:  # each run's lr and seed are the stage's, filed in its name
+        raise UserError(f"{owned[0].split('=')[0]}: --stage {args.stage} sets each run's lr and seed itself (the "
+                        f"sweep's grid, --seeds); leave it out")
     wanted = {"fed": args.fed_runs.split(","), "sweep": names, "seeds": names}
     if args.stage == "fed":  # the runs and their lrs first: an unknown run, a bad --lr or a missing sweep
         fed_names = args.fed_runs.split(",")

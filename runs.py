@@ -277,10 +277,16 @@ def write_log(lines, path):
 
 
 def read_log(path, upto):
-    """The log lines of steps <= upto (a resumed run forgets what was logged after its checkpoint)."""
+    """The log lines of steps <= upto (a resumed run forgets what was logged after its checkpoint). A last line cut
+    short (the machine lost mid-write; appends are not atomic) was logged after the checkpoint: dropped too."""
     if not os.path.isfile(path):
         return []
-    return [l for l in map(json.loads, open(path)) if l.get("step", 0) <= upto]
+    lines = open(path).read().splitlines()
+    try:
+        json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        lines = lines[:-1]
+    return [l for l in map(json.loads, lines) if l.get("step", 0) <= upto]
 
 
 def append_log(entry, path):

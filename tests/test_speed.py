@@ -119,12 +119,16 @@ def test_results_table(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert json.loads(json.dumps(rows2)) == json.loads(json.dumps(rows))
     cmds = []
     run_scripts_in_process(monkeypatch, train.main, cmds)
-    (tmp_path / "lora" / "result.json").unlink()  # as if cut off after its checkpoint: resumed, not refused
-    (tmp_path / "dylora" / "result.json").unlink()
+    for name in ("lora", "dylora"):  # as if cut off after its checkpoint, before its summary: resumed, not refused
+        (tmp_path / name / "result.json").unlink()
+        (tmp_path / name / "summary.json").unlink()
     (tmp_path / "dylora" / "ckpt.pt").unlink()  # as if cut off before any checkpoint: started again
     rows3 = results.main(argv)
     assert "--resume" in cmds[0] and "--overwrite" in cmds[1] and [r["name"] for r in rows3] == ["lora", "dylora"]
     assert "--save_every" not in cmds[0]  # train.py's checkpoints every 200 steps: a run cut off loses < 200 steps
+    (tmp_path / "lora" / "result.json").unlink()  # cut off after its summary: read back, not trained or scored again
+    forbid_runs(monkeypatch)
+    assert results.main(argv)[0]["val_loss"] == rows3[0]["val_loss"]
 
 
 def test_committed_results_rebuild(tmp_path, monkeypatch):
@@ -199,6 +203,9 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     forbid_runs(monkeypatch)
     results.main(["--stage", "report", "--results_dir", str(rec)])
     assert open(rec / "RESULTS.md").read() == text
+    for stage, flag in (("sweep", "--lr"), ("seeds", "--seed")):  # a run's own, set by the stage: one line
+        with pytest.raises(UserError, match=rf"^{flag}: --stage {stage} sets each run's lr and seed itself"):
+            results.main(common + ["--stage", stage, flag, "1"])
     # the sweep's choice changed (a better lora record appeared): the seeds at the old lr stop the command, no run
     old = results.chosen_lr("lora", str(rec))
     json.dump(dict(json.load(open(next((rec / "sweep").glob("lora_*")))), lr=old * 3, val_loss=-1.0),
@@ -405,6 +412,20 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
                       (["--lr", "0"], "--lr must be a number > 0")):
         with pytest.raises(UserError, match=line):
             results.main(argv + bad)
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tiny_dir, gsm_file):
+    """A machine lost mid-append leaves a last log line cut short (appends are not atomic): --resume drops it (it
+    came after the checkpoint) instead of failing on it at every later call."""
+    import runs
+    train = script("train")
+    argv = ["--model", tiny_dir, "--data", gsm_file, "--val_size", "8", "--batch_size", "4", "--max_len", "384",
+            "--out_dir", str(tmp_path), "--run_name", "r", "--device", "cpu", "--method", "lora", "--test_data", ""]
+    train.main(argv + ["--max_steps", "2"])
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert [e["step"] for e in runs.read_log(str(tmp_path / "r" / "log.jsonl"), 2)][-1] == 2
+    assert train.main(["--resume", "--out_dir", str(tmp_path), "--run_name", "r", "--max_steps", "3"])["steps"] == 3
 
 
 def test_run_folders_ignore_the_order_of_flags():
