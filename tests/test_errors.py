@@ -228,6 +228,17 @@ def test_resuming_a_run_started_with_overwrite_keeps_it(tmp_path, tiny_dir, gsm_
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tiny_dir, gsm_file):
+    """A machine lost mid-append leaves a last log line cut short (appends are not atomic): --resume drops it (it
+    came after the checkpoint) instead of failing on it at every later call."""
+    import runs
+    train.main(base(tiny_dir, gsm_file, tmp_path))
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert [e["step"] for e in runs.read_log(str(tmp_path / "r" / "log.jsonl"), 2)][-1] == 2
+    assert train.main(["--resume", "--out_dir", str(tmp_path), "--run_name", "r", "--max_steps", "3"])["steps"] == 3
+
+
 # eval.py
 def test_eval_errors(tmp_path, tiny_dir, gsm_file, monkeypatch):
     train.main(base(tiny_dir, gsm_file, tmp_path, name="a"))

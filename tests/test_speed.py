@@ -414,20 +414,6 @@ def test_jobs_run_concurrently(tmp_path, monkeypatch):
             results.main(argv + bad)
 
 
-def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tiny_dir, gsm_file):
-    """A machine lost mid-append leaves a last log line cut short (appends are not atomic): --resume drops it (it
-    came after the checkpoint) instead of failing on it at every later call."""
-    import runs
-    train = script("train")
-    argv = ["--model", tiny_dir, "--data", gsm_file, "--val_size", "8", "--batch_size", "4", "--max_len", "384",
-            "--out_dir", str(tmp_path), "--run_name", "r", "--device", "cpu", "--method", "lora", "--test_data", ""]
-    train.main(argv + ["--max_steps", "2"])
-    with open(tmp_path / "r" / "log.jsonl", "a") as f:
-        f.write('{"step": 3, "lo')
-    assert [e["step"] for e in runs.read_log(str(tmp_path / "r" / "log.jsonl"), 2)][-1] == 2
-    assert train.main(["--resume", "--out_dir", str(tmp_path), "--run_name", "r", "--max_steps", "3"])["steps"] == 3
-
-
 def test_run_folders_ignore_the_order_of_flags():
     """A command re-run with its flags in another order reads the same committed records (same_flags) and must find
     its runs in flight in the same folder too, or every cut run would start again."""
