@@ -373,6 +373,16 @@ def fed_chosen_lr(run, results_dir):
     return min(recs, key=lambda r: r["val_loss"])["lr"] if recs else None
 
 
+def one_lr(d, lrs, what, sweep_end=None):
+    """Before any run: the records in `d` of each run name in `lrs` are at the lr this command gives it, or its
+    seeds would mix two lrs in one row; `sweep_end` ends the names of the sweep's own records (at any lr)."""
+    for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        n, lr = f.split("_")[0], f.split("_lr")[-1].split("_")[0]  # <name>_lr<lr>_...json (no "_" in either)
+        if f.endswith(".json") and n in lrs and lr != f"{lrs[n]:g}" and not (sweep_end and f.endswith(sweep_end)):
+            raise UserError(f"{os.path.join(d, f)} is {n} at lr {lr}, this command runs it at {lrs[n]:g} ({what} "
+                            f"changed): move the old records away, or pass another --results_dir")
+
+
 def flagged(out_dir, stage, extra):
     """The folder of a stage's runs under the script's other flags: other flags, another folder, so a finished run
     is read back only under the flags it was made with, in any order (as same_flags reads them)."""
@@ -886,13 +896,7 @@ def main(argv=None):
         if None in lrs.values():
             raise UserError(f"every run of a fed lr sweep diverged ({', '.join(n for n in lrs if lrs[n] is None)}):"
                             f" pass smaller --fed_lr_factors")
-        d = os.path.join(args.results_dir, "fed")
-        for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:  # one lr per run name, or its seeds would mix
-            n, lr = f.split("_")[0], f.split("_lr")[-1].split("_eps")[0]
-            if f.endswith(".json") and n in lrs and lr != f"{lrs[n]:g}" and not f.endswith("_epsinf_s0.json"):
-                raise UserError(f"{os.path.join(d, f)} is {n} at lr {lr}, this command runs it at {lrs[n]:g} (the "
-                                f"sweep's choice or --lr changed): move the old records away, or pass another "
-                                f"--results_dir")
+        one_lr(os.path.join(args.results_dir, "fed"), lrs, "the sweep's choice or --lr", "_epsinf_s0.json")
         source = "--lr" if given else "each strategy's fed sweep"
         concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n], eps, sd, args, extra, lr_from=source)
                                  for n in fed_names for eps in args.dp_epsilons for sd in seeds])
@@ -910,12 +914,7 @@ def main(argv=None):
             if lr is None:
                 raise UserError(f"no finished sweep run of {source} (for {n}) in {args.results_dir}/sweep: run "
                                 f"--stage sweep first")
-            d = os.path.join(args.results_dir, "seeds")
-            for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:  # one lr per run name, or its seeds would mix
-                if f.endswith(".json") and f.split("_")[0] == n and f.split("_lr")[-1].split("_s")[0] != f"{lr:g}":
-                    raise UserError(f"{os.path.join(d, f)} is {n} at lr {f.split('_lr')[-1].split('_s')[0]}, this "
-                                    f"command runs it at {lr:g} (the sweep's choice changed): move the old records "
-                                    f"away, or pass another --results_dir")
+            one_lr(os.path.join(args.results_dir, "seeds"), {n: lr}, "the sweep's choice")
             tasks += [functools.partial(evidence_run, "seeds", n, lr, s, args, extra) for s in seeds]
         resolve(args)
         concurrently(args.jobs, tasks)

@@ -178,7 +178,8 @@ def save_peft(model, method, out, base_model):
 
 def save_checkpoint(run_dir, step, adapter, optimizer, config, **progress):
     """ckpt.pt: what --resume needs to continue exactly (whole tensors, whatever the number of processes), and
-    `progress` (plain numbers: the training time and tokens so far, which a resumed run's summary goes on from)."""
+    `progress` (plain numbers: the init time, training time, tokens and peak memory so far, which a resumed run's
+    summary goes on from)."""
     state = dict(step=step, adapter=adapter, optimizer=optimizer, rng_cpu=torch.get_rng_state(),
                  config=json.dumps(config), **progress)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -283,9 +284,9 @@ def read_log(path, upto):
         return []
     lines = open(path).read().splitlines()
     try:
-        json.loads(lines[-1]) if lines else None
+        json.loads(lines[-1] if lines else "{}")
     except json.JSONDecodeError:
-        lines = lines[:-1]
+        lines.pop()
     return [l for l in map(json.loads, lines) if l.get("step", 0) <= upto]
 
 

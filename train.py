@@ -224,6 +224,9 @@ def main(argv=None):
     init_s = saved.get("init_s", init_s)
     prior_s, prior_tok = saved.get("train_s", 0.0), saved.get("tokens", 0)
 
+    def trained_s():  # the loop's time so far, over every process of the run
+        return prior_s + time.time() - t_train - t_aside
+
     def peak_gib():  # training's peak so far, over every process of the run
         if device.type != "cuda":
             return None
@@ -234,7 +237,7 @@ def main(argv=None):
         if rank == 0:
             runs.save_adapter(adapter, tcfg, mcfg, run_dir, done, base)
             runs.save_checkpoint(run_dir, done, adapter, optimizer, config, init_s=init_s, peak_gib=peak_gib(),
-                                 train_s=prior_s + time.time() - t_train - t_aside, tokens=prior_tok + tok_all)
+                                 train_s=trained_s(), tokens=prior_tok + tok_all)
 
     # the loop: nothing in it waits for the GPU except on log, eval and save steps
     model.grad_checkpoint = tcfg.grad_checkpoint
@@ -292,7 +295,7 @@ def main(argv=None):
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    train_s = prior_s + time.time() - t_train - t_aside  # the whole run's, resumed parts included
+    train_s = trained_s()  # the whole run's, resumed parts included
     peak = peak_gib()  # training's peak (before scoring)
     if start >= total and ckpt is not None:
         print(f"{run_dir} had already finished ({total} steps)")
