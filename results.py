@@ -686,8 +686,9 @@ def report(results_dir, path, merged_json=""):
         mode = "frozen: only the sampled component trains" if dy == "dylora" else "non-frozen"
         epochs = by[dy][0]["epochs"]
         lines += ["", f"### Claim 4: one {dy} run ({mode}, {epochs:g} epoch{'s' * (epochs != 1)}) at each rank, "
-                  "against LoRA trained at that rank", "", "| rank | DyLoRA held-out loss | LoRA at that rank | verdict |",
-                  "|---|---|---|---|"]
+                  "against LoRA trained at that rank", "", "Verdict: is the DyLoRA run, cut to that rank, as good as "
+                  "LoRA trained at it (lower held-out loss, Welch's t as above)?", "",
+                  "| rank | DyLoRA held-out loss | LoRA at that rank | DyLoRA - LoRA | verdict |", "|---|---|---|---|---|"]
         lora_s, shared = [], max(r.get("jobs", 1) for r in by[dy])
         for b in sorted({int(k) for d in runs_by_rank for k in d}):
             dyl = [d.get(str(b), d.get(b)) for d in runs_by_rank]
@@ -697,10 +698,12 @@ def report(results_dir, path, merged_json=""):
                 lm, lsd = mean_std(loss[name])
                 lora_s.append(mean_std([r["train_s"] for r in by[name]])[0])
                 shared = max([shared] + [r.get("jobs", 1) for r in by[name]])
-                word = verdict(dyl, loss[name], "lower").split("**")[1]
-                lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | {lm:.4f} +- {lsd:.4f} ({name}) | DyLoRA lower: {word} |")
+                word, t = verdict(dyl, loss[name], "").split("**")[1], welch_t(dyl, loss[name])[0]
+                far = f" (seeds: {', '.join(f'{v:.3f}' for v in dyl)})" if sd > 0.1 * m else ""  # one far off
+                lines.append(f"| {b} | {m:.4f} +- {sd:.4f}{far} | {lm:.4f} +- {lsd:.4f} ({name}) | {m - lm:+.4f} "
+                             f"({100 * (m - lm) / lm:+.1f}%) | **{word}** (t = {t:.2f}) |")
             else:
-                lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | not run | |")
+                lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | not run | | |")
         if lora_s:
             lines.append(f"\nTraining cost: one {dy} run {mean_std([r['train_s'] for r in by[dy]])[0]:.1f} s; the "
                          f"{len(lora_s)} LoRA runs it replaces {sum(lora_s):.1f} s together" + (
@@ -713,39 +716,82 @@ def report(results_dir, path, merged_json=""):
                   f"{sub}`)." if os.path.isfile(os.path.join(sub, "RESULTS.md")) else
                   "Not run yet: `python results.py --stage sweep|seeds --methods ... --epochs 3 --results_dir "
                   f"{sub}` (README, Results)."]
-    try:  # claim 1's figure: held-out loss against trainable parameters
+    try:  # the figures of claims 1-3 (not in claim 4's regime, which has its runs only) and of claim 4
         if not by:
             raise ImportError
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        families = {}  # a method's sizes as one line: "lora-r4" and "lora" are both LoRA, "bone-b32" is Bone
-        for name in by:
-            families.setdefault(re.sub(r"-[rb]\d+$", "", name), []).append(name)
-        for fam, names in sorted(families.items()):
-            pts = sorted((by[n][0]["trainable"], *mean_std(loss[n])) for n in names)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
-                        label=fam)
-        ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out loss (mean +- std over seeds)")
-        ax.legend(fontsize=8)
-        fig.savefig(os.path.join(results_dir, "loss_vs_params.png"), dpi=110, bbox_inches="tight")
-        lines += ["", "![held-out loss against trainable parameters](loss_vs_params.png)"]
-        fig, ax = plt.subplots(figsize=(7, 4.5))  # claims 2 and 3: how fast each method gets there
-        for name, rs in sorted((n, rs) for n, rs in by.items() if n in MAIN):  # the sizes' variants: figure 1
-            steps = [st for st, _ in rs[0]["curve"]]
-            curves = [[v for _, v in r["curve"]] for r in rs if [st for st, _ in r["curve"]] == steps]
-            ax.plot(steps, [sum(c[i] for c in curves) / len(curves) for i in range(len(steps))], label=name,
-                    lw=2 if name in ("lora", "ga", "bone", "bone-shared") else 1)
-        ax.set(xlabel="optimizer step", ylabel="held-out loss (mean over seeds)")
-        ax.legend(fontsize=8)
-        fig.savefig(os.path.join(results_dir, "loss_vs_steps.png"), dpi=110, bbox_inches="tight")
-        lines += ["", "![held-out loss against step (claims 2 and 3)](loss_vs_steps.png)"]
+        figures = [] if regime else [claim1_figure(by, loss, results_dir, plt), claim23_figure(by, results_dir, plt)]
+        figures += claim4_figure(by, loss, results_dir, plt)
+        if not figures:
+            raise ImportError
+        lines += ["", "\n\n".join(figures)]
     except ImportError:
         lines += ["", "(no figure: no seeds yet, or matplotlib is not installed)"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def claim1_figure(by, loss, results_dir, plt):
+    """Held-out loss against trainable parameters, each method's sizes as one line (mean +- std over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = {}  # a method's sizes as one line: "lora-r4" and "lora" are both LoRA, "bone-b32" is Bone
+    for name in by:
+        families.setdefault(re.sub(r"-[rb]\d+$", "", name), []).append(name)
+    for fam, names in sorted(families.items()):
+        pts = sorted((by[n][0]["trainable"], *mean_std(loss[n])) for n in names)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3, label=fam)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out loss (mean +- std over seeds)")
+    ax.legend(fontsize=8)
+    fig.savefig(os.path.join(results_dir, "loss_vs_params.png"), dpi=110, bbox_inches="tight")
+    return "![held-out loss against trainable parameters](loss_vs_params.png)"
+
+
+def claim23_figure(by, results_dir, plt):
+    """Claims 2 and 3: how fast each method gets there (held-out loss against step, mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rs in sorted((n, rs) for n, rs in by.items() if n in MAIN):  # the sizes' variants: figure 1
+        steps = [st for st, _ in rs[0]["curve"]]
+        curves = [[v for _, v in r["curve"]] for r in rs if [st for st, _ in r["curve"]] == steps]
+        ax.plot(steps, [sum(c[i] for c in curves) / len(curves) for i in range(len(steps))], label=name,
+                lw=2 if name in ("lora", "ga", "bone", "bone-shared") else 1)
+    ax.set(xlabel="optimizer step", ylabel="held-out loss (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.savefig(os.path.join(results_dir, "loss_vs_steps.png"), dpi=110, bbox_inches="tight")
+    return "![held-out loss against step (claims 2 and 3)](loss_vs_steps.png)"
+
+
+def claim4_figure(by, loss, results_dir, plt):
+    """Claim 4: each DyLoRA mode's runs cut to every rank against LoRA trained at that rank (mean +- std over seeds);
+    [] when no record holds the losses by rank."""
+    dys = {dy: [r["val_loss_by_rank"] for r in by.get(dy, []) if r.get("val_loss_by_rank")] for dy in ("dylora",
+                                                                                                       "dylora-nf")}
+    if not any(dys.values()):
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ranks = sorted({int(k) for runs_by_rank in dys.values() for d in runs_by_rank for k in d})
+    lora = [(b, *mean_std(loss[n])) for b in ranks for n in ["lora" if b == 16 else f"lora-r{b}"] if n in loss]
+    ax.errorbar([p[0] for p in lora], [p[1] for p in lora], yerr=[p[2] for p in lora], fmt="o-", capsize=3,
+                label="LoRA trained at each rank")
+    for dy, runs_by_rank in dys.items():
+        pts = [(b, *mean_std([d[str(b)] for d in runs_by_rank])) for b in ranks
+               if all(str(b) in d for d in runs_by_rank)] if runs_by_rank else []
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="s--", capsize=3,
+                        label=f"one {dy} run, cut to each rank")
+            for b, m, _ in pts:  # a mean far above LoRA's (a diverged seed) is written in, not drawn to scale
+                if lora and m > 1.25 * max(p[1] for p in lora):
+                    ax.annotate(f"{dy} r{b}: {m:.2f}", (b, 1.25 * max(p[1] for p in lora)), fontsize=8,
+                                xytext=(6, -12), textcoords="offset points", arrowprops=dict(arrowstyle="<-"))
+    if lora:
+        ax.set_ylim(top=1.25 * max(p[1] for p in lora))
+    ax.set(xscale="log", xlabel="rank", ylabel="held-out loss (mean +- std over seeds)")
+    ax.set_xticks(ranks, [str(b) for b in ranks])
+    ax.legend(fontsize=8)
+    fig.savefig(os.path.join(results_dir, "loss_vs_rank.png"), dpi=110, bbox_inches="tight")
+    return ["![held-out loss against rank (claim 4)](loss_vs_rank.png)"]
 
 
 def merged_check(name, args):
