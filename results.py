@@ -64,7 +64,8 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     merged_check: bool = False  # CUDA: also score each run's adapter merged into a bf16 base (the precision table)
     stage: str = "table"  # table (one run per method) | sweep (lr grid, seed 0) | seeds (the chosen lr, --seeds) |
     # fed (claim 5: --fed_runs x --dp_epsilons x --seeds, fed.py runs) |
-    # report (RESULTS.md and its figure from --results_dir alone, no run)
+    # report (RESULTS.md and its figures from --results_dir alone, no run)
+    report: bool = False  # the same as --stage report
     results_dir: str = "results/evidence"  # each finished sweep/seeds run's record (small JSON, committed)
     merged_json: str = "results/precision_gpu.json"  # claim 6 in the report: --merged_check's runs (README, Precision)
     lr_factors: tuple = ("0.25", "1", "4", "16")  # the sweep: each method's DEFAULT_LR times these (the defaults are
@@ -874,7 +875,9 @@ def main(argv=None):
         raise UserError(f"--stage must be table, sweep, seeds, fed or report, got {args.stage!r}")
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1 (runs at once), got {args.jobs}")
-    if args.stage == "report":  # from the committed records alone: no model, no data, no GPU
+    if args.report and args.stage not in ("table", "report"):
+        raise UserError(f"--report is --stage report: leave out --stage {args.stage} (or --report)")
+    if args.stage == "report" or args.report:  # from the committed records alone: no model, no data, no GPU
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     for k in ("model", "data") + (("test_data",) if args.stage != "fed" else ()):
         if not getattr(args, k):

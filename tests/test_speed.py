@@ -202,8 +202,10 @@ def test_evidence_sweep_seeds_and_report(tmp_path, tiny_dir, gsm_file, monkeypat
     assert len(cmds) == n + 1 and len(os.listdir(rec / "seeds")) == 4
     text = open(rec / "RESULTS.md").read()
     forbid_runs(monkeypatch)
-    results.main(["--stage", "report", "--results_dir", str(rec)])
+    results.main(["--report", "--results_dir", str(rec)])  # (the same as --stage report)
     assert open(rec / "RESULTS.md").read() == text
+    with pytest.raises(UserError, match=r"^--report is --stage report: leave out --stage seeds"):
+        results.main(["--report", "--stage", "seeds", "--results_dir", str(rec)])
     for stage, flag in (("sweep", "--lr"), ("seeds", "--seed")):  # a run's own, set by the stage: one line
         with pytest.raises(UserError, match=rf"^{flag}: --stage {stage} sets each run's lr and seed itself"):
             results.main(common + ["--stage", stage, flag, "1"])
