@@ -115,7 +115,7 @@ def run_eval(model, tok, rows, template, suffix, batch_size, max_new_tokens, des
     """Greedy completions for every row (longest prompts first, batched), scored. Returns records, summary."""
     prompts = [template.format(question=q) + suffix for q, _ in rows]
     ids = [tok.encode(p, bos=tok.add_bos) for p in prompts]
-    batch_size = batch_size or auto_batch(model, ids, max_new_tokens)
+    auto, batch_size = not batch_size, batch_size or auto_batch(model, ids, max_new_tokens)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: little padding
     new = [None] * len(ids)
     t0 = time.time()
@@ -124,13 +124,27 @@ def run_eval(model, tok, rows, template, suffix, batch_size, max_new_tokens, des
     # is the model trained; no cast cache: a decode step captured as a CUDA graph re-casts inside the graph
     policy = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if dev.type == "cuda" else nullcontext()
     with tqdm(total=len(ids), desc=desc, dynamic_ncols=True) as bar, policy:
-        for j in range(0, len(order), batch_size):
+        j = 0
+        while j < len(order):
             chunk = order[j:j + batch_size]
-            outs = generate(model, [ids[i] for i in chunk], max_new_tokens, eos_id=tok.stop_ids, stop=STOP,
-                            tokenizer=tok, pad_id=tok.pad_id)
+            try:
+                outs = generate(model, [ids[i] for i in chunk], max_new_tokens, eos_id=tok.stop_ids, stop=STOP,
+                                tokenizer=tok, pad_id=tok.pad_id)
+            except torch.OutOfMemoryError:
+                if not auto:
+                    raise UserError(f"out of GPU memory decoding {len(chunk)} prompts at once: pass a smaller "
+                                    f"--batch_size (0: as many as fit)") from None
+                if len(chunk) == 1:
+                    raise
+                # the auto size was measured on free memory that others on the GPU (--jobs) have since taken: the
+                # same prompts again, half as many at a time
+                batch_size = (len(chunk) + 1) // 2
+                torch.cuda.empty_cache()
+                continue
             for i, o in zip(chunk, outs):
                 new[i] = o
             bar.update(len(chunk))
+            j += len(chunk)
     if model.lm_head.weight.device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.time() - t0
@@ -178,7 +192,8 @@ class EvalConfig:
     adapter: str = ""  # a train.py run folder (out/<run_name>); empty: the base model
     data: str = "gsm8k"  # a GSM8K test.jsonl; gsm8k: GSM8K test (fetched)
     limit: int = 0  # the first N problems only; 0: all
-    batch_size: int = 0  # prompts decoded together; 0: as many as fit in 40% of the free GPU memory (256 on a CPU)
+    batch_size: int = 0  # prompts decoded together; 0: as many as fit in 40% of the free GPU memory (256 on a CPU),
+    # halved while a batch runs out of memory (others sharing the GPU may take it meanwhile)
     max_new_tokens: int = 256  # generated tokens per problem at most
     suffix: str = SUFFIX  # appended to the prompt ('' for the training prompt as is)
     ranks: str = ""  # DyLoRA-like methods (NESTED_RANKS): score one adapter at each rank, e.g. 1,2,4,8,16

@@ -79,3 +79,26 @@ def test_eval_with_adapter_batched_equals_one_by_one(tmp_path, tiny_dir, gsm_fil
     assert [json.loads(l)["completion"] for l in open(tmp_path / "base.jsonl")] != [r["completion"] for r in a]
     with pytest.raises(UserError, match="--ranks needs"):
         ev.main(common + ["--ranks", "1,2"])
+
+
+def test_auto_batch_halves_when_the_gpu_runs_out(tiny_dir, gsm_file, monkeypatch):
+    """The auto batch is sized on the memory free when scoring starts; runs sharing the GPU (results.py --jobs) can
+    take it meanwhile. A batch that runs out of memory is decoded again, half as many prompts at a time, giving what
+    that smaller batch gives from the start; an explicit --batch_size that runs out is one line naming the fix."""
+    import torch
+    from model import Llama, Tokenizer
+    model, tok = Llama.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32), Tokenizer.from_pretrained(tiny_dir)
+    rows, real, sizes = ev.load_gsm8k(gsm_file, 5), ev.generate, []
+
+    def scarce(model, prompts, *a, **k):  # as a GPU with room for 2 prompts at a time
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real(model, prompts, *a, **k)
+    want, _ = ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 2, 8)
+    monkeypatch.setattr(ev, "generate", scarce)
+    got, summary = ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 0, 8)  # 0: auto (256 on a CPU)
+    assert sizes == [5, 3, 2, 2, 1] and summary["batch_size"] == 2
+    assert [r["completion"] for r in got] == [r["completion"] for r in want]
+    with pytest.raises(UserError, match=r"^out of GPU memory decoding 4 prompts at once: pass a smaller --batch_size"):
+        ev.run_eval(model, tok, rows, ev.TEMPLATE, ev.SUFFIX, 4, 8)
