@@ -776,18 +776,18 @@ def claim4_figure(by, loss, results_dir, plt):
     lora = [(b, *mean_std(loss[n])) for b in ranks for n in ["lora" if b == 16 else f"lora-r{b}"] if n in loss]
     ax.errorbar([p[0] for p in lora], [p[1] for p in lora], yerr=[p[2] for p in lora], fmt="o-", capsize=3,
                 label="LoRA trained at each rank")
+    top = 1.25 * max(p[1] for p in lora) if lora else None  # a mean above it (a seed far off) is written in, not drawn
     for dy, runs_by_rank in dys.items():
         pts = [(b, *mean_std([d[str(b)] for d in runs_by_rank])) for b in ranks
                if all(str(b) in d for d in runs_by_rank)] if runs_by_rank else []
         if pts:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="s--", capsize=3,
                         label=f"one {dy} run, cut to each rank")
-            for b, m, _ in pts:  # a mean far above LoRA's (a diverged seed) is written in, not drawn to scale
-                if lora and m > 1.25 * max(p[1] for p in lora):
-                    ax.annotate(f"{dy} r{b}: {m:.2f}", (b, 1.25 * max(p[1] for p in lora)), fontsize=8,
-                                xytext=(6, -12), textcoords="offset points", arrowprops=dict(arrowstyle="<-"))
-    if lora:
-        ax.set_ylim(top=1.25 * max(p[1] for p in lora))
+            for b, m, _ in pts:
+                if top and m > top:
+                    ax.annotate(f"{dy} r{b}: {m:.2f}", (b, top), fontsize=8, xytext=(6, -12), textcoords="offset points",
+                                arrowprops=dict(arrowstyle="<-"))
+    ax.set_ylim(top=top)
     ax.set(xscale="log", xlabel="rank", ylabel="held-out loss (mean +- std over seeds)")
     ax.set_xticks(ranks, [str(b) for b in ranks])
     ax.legend(fontsize=8)
