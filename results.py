@@ -697,7 +697,7 @@ def report(results_dir, path, merged_json=""):
             m, sd = mean_std(dyl)
             if name in loss and len(loss[name]) > 1 and len(dyl) > 1:
                 lm, lsd = mean_std(loss[name])
-                lora_s.append(mean_std([r["train_s"] for r in by[name]])[0])
+                lora_s.append((mean_std([r["train_s"] for r in by[name]])[0], by[name][0]["steps"]))
                 shared = max([shared] + [r.get("jobs", 1) for r in by[name]])
                 word, t = verdict(dyl, loss[name], "").split("**")[1], welch_t(dyl, loss[name])[0]
                 far = f" (seeds: {', '.join(f'{v:.3f}' for v in dyl)})" if sd > 0.1 * m else ""  # one far off
@@ -706,8 +706,9 @@ def report(results_dir, path, merged_json=""):
             else:
                 lines.append(f"| {b} | {m:.4f} +- {sd:.4f} | not run | | |")
         if lora_s:
-            lines.append(f"\nTraining cost: one {dy} run {mean_std([r['train_s'] for r in by[dy]])[0]:.1f} s; the "
-                         f"{len(lora_s)} LoRA runs it replaces {sum(lora_s):.1f} s together" + (
+            lines.append(f"\nTraining cost: one {dy} run {mean_std([r['train_s'] for r in by[dy]])[0]:.1f} s, "
+                         f"{by[dy][0]['steps']:,} steps; the {len(lora_s)} LoRA runs it replaces "
+                         f"{sum(t for t, _ in lora_s):.1f} s together, {sum(n for _, n in lora_s):,} steps" + (
                              f" (runs made up to {shared} at a time on one GPU, `--jobs`: these times include "
                              f"that sharing and compare only roughly)." if shared > 1 else "."))
     sub = os.path.join(results_dir, "dylora")  # claim 4 in the paper's longer regime: its own records and report

@@ -247,12 +247,13 @@ def test_dylora_claim_at_every_rank(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert "Claim 4: one dylora run" in text and "| 1 |" in text and re.search(r"\(lora-r1\) \| [+-]\d\.\d{4} \([+-]"
                                                                            r"[\d.]+%\) \| \*\*(holds|does not hold|"
                                                                            r"inconclusive)\*\* \(t = ", text)
-    assert "| 4 |" in text and "not run" in text and "Training cost: one dylora run" in text
-    assert "together." in text and all(r["jobs"] == 1 for r in dy)
+    assert "| 4 |" in text and "not run" in text and all(r["jobs"] == 1 for r in dy)
+    assert re.search(r"Training cost: one dylora run [\d.]+ s, 2 steps; the 2 LoRA runs it replaces [\d.]+ s "
+                     r"together, 4 steps\.", text)  # (2 steps a run: --max_steps=2)
     path = rec / "seeds" / "dylora_lr0.01_s1.json"  # as if made beside 2 other runs (--jobs 3): its time is shared
     json.dump(dict(json.load(open(path)), jobs=3), open(path, "w"))
     results.report(str(rec), str(rec / "RESULTS.md"))
-    assert "together (runs made up to 3 at a time on one GPU, `--jobs`" in open(rec / "RESULTS.md").read()
+    assert "together, 4 steps (runs made up to 3 at a time on one GPU, `--jobs`" in open(rec / "RESULTS.md").read()
     # the paper's regime has its own records and report in <results_dir>/dylora: the main report points there
     assert "### Claim 4 in the paper's regime (3 epochs, frozen and non-frozen)\n\nNot run yet" in open(
         rec / "RESULTS.md").read()
