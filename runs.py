@@ -11,10 +11,14 @@ Run folders: the methods by name, and everything a run writes or reads back. A t
 Every file is written atomically (a temporary file, then os.replace): a reader or a crash sees the old file or the
 new one, never half of one.
 """
+import contextlib
 import glob
 import json
 import math
 import os
+import signal
+import sys
+import threading
 
 from dataclasses import asdict
 
@@ -174,6 +178,31 @@ def save_peft(model, method, out, base_model):
                    target_modules=sorted({n.rsplit(".", 1)[-1] for n in pairs}), use_rslora=False,
                    fan_in_fan_out=False, inference_mode=True, base_model_name_or_path=base_model),
               os.path.join(out, "adapter_config.json"))
+
+
+STOP = []  # the name of a stop signal this process received (stop_signals), once it has received one
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (a cluster's preemption, `timeout` at a time limit) or a first Ctrl-C is noted in STOP instead of
+    killing the process, so that train.py's loop saves a checkpoint at its next log step and stops: no work is lost.
+    A second Ctrl-C quits at once. The previous handlers are back afterwards; only the main thread can catch
+    signals, so elsewhere nothing changes."""
+    def note(sig, frame):
+        STOP.append(signal.Signals(sig).name)
+        if sig == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nCtrl-C: saving a checkpoint at the next log step, then stopping (Ctrl-C again quits now)",
+                  file=sys.stderr)
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def save_checkpoint(run_dir, step, adapter, optimizer, config, **progress):

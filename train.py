@@ -7,7 +7,8 @@ One loop for every method: the method file swaps the layers (apply), says what t
 save, load and merge itself; this script never branches on the method. Precision (step.py): on CUDA the frozen
 base stays bf16, trainable tensors are fp32, compute runs under bf16 autocast; on CPU everything is fp32.
 Outputs in <out_dir>/<run_name>/ (runs.py): config.json, log.jsonl, adapter.safetensors + adapter.json, ckpt.pt
-(resume), summary.json, gsm8k.jsonl.
+(resume), summary.json, gsm8k.jsonl. SIGTERM (a preemption, a time limit) or Ctrl-C saves a checkpoint at the next
+log step and stops; --resume goes on from it exactly.
 
 Several GPUs: torchrun --nproc_per_node N train.py ... (DDP; --fsdp shards with FSDP2). Every process trains on
 its share of each step's batch_size examples; the math is one process's, up to the order of float sums.
@@ -260,10 +261,11 @@ def main(argv=None):
         loss_sum += loss
         tok_log, tok_all = tok_log + n_real, tok_all + n_real  # real (non-pad) tokens of every rank
         slots += sum(x.numel() for x, _, _ in batches)  # this rank's padded slots
-        done = it + 1
+        done, stop = it + 1, False
         if done % tcfg.log_every == 0 or done == total:
-            # the step loss (each rank's carries world x its share, see make_step) and every rank's slots
-            loss_val, all_slots = step.sum_over_ranks([loss_sum.item(), slots], device)
+            # the step loss (each rank's carries world x its share, see make_step), every rank's slots, and whether
+            # any rank was asked to stop (runs.stop_signals: SIGTERM or Ctrl-C; every rank then stops here)
+            loss_val, all_slots, stop = step.sum_over_ranks([loss_sum.item(), slots, len(runs.STOP)], device)
             loss_val /= world * (done - last_log)
             check_finite(loss_val, grad_norm.item(), done, last_saved, run_dir)
             dt = time.time() - t_log
@@ -283,7 +285,7 @@ def main(argv=None):
             if rank == 0:
                 runs.append_log(dict(step=done, val_loss=round(vl, 5)), log_path)
             bar.write(f"step {done}: held-out loss {vl:.4f}")
-        if done % tcfg.save_every == 0 or done == total:
+        if done % tcfg.save_every == 0 or done == total or stop:
             # never save broken weights: the step's loss was of the weights before it, so check the ones saved
             held = vl if done % tcfg.eval_every == 0 or done == total else step.evaluate(
                 model, val_batches[:1] or batches[:1])
@@ -292,6 +294,9 @@ def main(argv=None):
             checkpoint(done)
             t_aside += time.time() - t
             last_saved = done
+        if stop and done < total:
+            raise UserError(f"stopped by {(runs.STOP or ['another process'])[0]} at step {done} of {total}: the "
+                            f"checkpoint is in {run_dir}; continue with --resume")
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -327,4 +332,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    with runs.stop_signals():  # SIGTERM or Ctrl-C: a checkpoint at the next log step, then a clean stop
+        cli.run(main)
