@@ -180,24 +180,29 @@ def save_peft(model, method, out, base_model):
               os.path.join(out, "adapter_config.json"))
 
 
-STOP = []  # the name of a stop signal this process received (stop_signals), once it has received one
+STOP = []  # the name of a stop signal received inside stop_signals(), once one has been
 
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM (a cluster's preemption, `timeout` at a time limit) or a first Ctrl-C is noted in STOP instead of
-    killing the process, so that train.py's loop saves a checkpoint at its next log step and stops: no work is lost.
-    A second Ctrl-C quits at once. The previous handlers are back afterwards; only the main thread can catch
-    signals, so elsewhere nothing changes."""
+    """Around a training loop: SIGTERM (a cluster's preemption, `timeout` at a time limit) or Ctrl-C is noted in STOP
+    instead of killing the process, so that the loop can save a checkpoint at its next log step and stop: no work
+    is lost. A second signal acts as usual (ends the process). The previous handlers are back afterwards. Only the
+    main thread of a single process takes part: under torchrun, its own handling stays (it forwards the signal to
+    every worker and kills them 30 s later)."""
     def note(sig, frame):
         STOP.append(signal.Signals(sig).name)
+        for s in old:  # the next one acts as usual
+            signal.signal(s, old[s])
         if sig == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
             print("\nCtrl-C: saving a checkpoint at the next log step, then stopping (Ctrl-C again quits now)",
                   file=sys.stderr)
+    STOP.clear()
     old = {}
-    if threading.current_thread() is threading.main_thread():
-        old = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ:
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in old:
+            signal.signal(sig, note)
     try:
         yield
     finally:

@@ -7,8 +7,8 @@ One loop for every method: the method file swaps the layers (apply), says what t
 save, load and merge itself; this script never branches on the method. Precision (step.py): on CUDA the frozen
 base stays bf16, trainable tensors are fp32, compute runs under bf16 autocast; on CPU everything is fp32.
 Outputs in <out_dir>/<run_name>/ (runs.py): config.json, log.jsonl, adapter.safetensors + adapter.json, ckpt.pt
-(resume), summary.json, gsm8k.jsonl. SIGTERM (a preemption, a time limit) or Ctrl-C saves a checkpoint at the next
-log step and stops; --resume goes on from it exactly.
+(resume), summary.json, gsm8k.jsonl. SIGTERM (a preemption, a time limit) or Ctrl-C during training saves a
+checkpoint after the step and stops; --resume goes on from it exactly.
 
 Several GPUs: torchrun --nproc_per_node N train.py ... (DDP; --fsdp shards with FSDP2). Every process trains on
 its share of each step's batch_size examples; the math is one process's, up to the order of float sums.
@@ -251,52 +251,53 @@ def main(argv=None):
     t_log, tok_log, slots, last_log, last_saved = time.time(), 0, 0, start, start
     t_train, t_aside, tok_all = time.time(), 0.0, 0  # the loop's time, evaluations and checkpoints excluded
     vl = next((l["val_loss"] for l in reversed(log) if l.get("val_loss") is not None), float("nan"))  # the latest
-    for it in bar:
-        lr = step.get_lr(it, tcfg, total)
-        step.set_lr(opt, lr)
-        method.on_step(model, mcfg, it)
-        idxs = data.example_order(len(train), tcfg.seed, it * tcfg.batch_size, tcfg.batch_size)
-        batches, n_tgt, n_real = data.micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id, graphed, rank, world)
-        loss, grad_norm = train_step(batches, n_tgt)  # device scalars
-        loss_sum += loss
-        tok_log, tok_all = tok_log + n_real, tok_all + n_real  # real (non-pad) tokens of every rank
-        slots += sum(x.numel() for x, _, _ in batches)  # this rank's padded slots
-        done, stop = it + 1, False
-        if done % tcfg.log_every == 0 or done == total:
-            # the step loss (each rank's carries world x its share, see make_step), every rank's slots, and whether
-            # any rank was asked to stop (runs.stop_signals: SIGTERM or Ctrl-C; every rank then stops here)
-            loss_val, all_slots, stop = step.sum_over_ranks([loss_sum.item(), slots, len(runs.STOP)], device)
-            loss_val /= world * (done - last_log)
-            check_finite(loss_val, grad_norm.item(), done, last_saved, run_dir)
-            dt = time.time() - t_log
-            entry = dict(step=done, loss=round(loss_val, 5), lr=lr, grad_norm=round(grad_norm.item(), 5),
-                         tok_s=round(tok_log / dt), pad_frac=round(1 - tok_log / all_slots, 4),
-                         peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
-                         else None)
-            if rank == 0:
-                runs.append_log(entry, log_path)
-            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=entry["tok_s"])
-            loss_sum.zero_()
-            t_log, tok_log, slots, last_log = time.time(), 0, 0, done
-        if done % tcfg.eval_every == 0 or done == total:
-            t = time.time()
-            vl = step.evaluate(model, val_batches)
-            t_aside += time.time() - t
-            if rank == 0:
-                runs.append_log(dict(step=done, val_loss=round(vl, 5)), log_path)
-            bar.write(f"step {done}: held-out loss {vl:.4f}")
-        if done % tcfg.save_every == 0 or done == total or stop:
-            # never save broken weights: the step's loss was of the weights before it, so check the ones saved
-            held = vl if done % tcfg.eval_every == 0 or done == total else step.evaluate(
-                model, val_batches[:1] or batches[:1])
-            check_finite(held, 1.0, done, last_saved, run_dir, "held-out loss of the weights to be saved")
-            t = time.time()
-            checkpoint(done)
-            t_aside += time.time() - t
-            last_saved = done
-        if stop and done < total:
-            raise UserError(f"stopped by {(runs.STOP or ['another process'])[0]} at step {done} of {total}: the "
-                            f"checkpoint is in {run_dir}; continue with --resume")
+    with runs.stop_signals():  # one process: SIGTERM or Ctrl-C saves a checkpoint after the step, then stops
+        for it in bar:
+            lr = step.get_lr(it, tcfg, total)
+            step.set_lr(opt, lr)
+            method.on_step(model, mcfg, it)
+            idxs = data.example_order(len(train), tcfg.seed, it * tcfg.batch_size, tcfg.batch_size)
+            batches, n_tgt, n_real = data.micro_batches(train, idxs, micro, tcfg.max_len, tok.pad_id, graphed, rank,
+                                                        world)
+            loss, grad_norm = train_step(batches, n_tgt)  # device scalars
+            loss_sum += loss
+            tok_log, tok_all = tok_log + n_real, tok_all + n_real  # real (non-pad) tokens of every rank
+            slots += sum(x.numel() for x, _, _ in batches)  # this rank's padded slots
+            done, stop = it + 1, bool(runs.STOP)  # SIGTERM or Ctrl-C came (runs.stop_signals): save, then stop
+            if done % tcfg.log_every == 0 or done == total:
+                # the step loss (each rank's carries world x its share, see make_step) and every rank's slots
+                loss_val, all_slots = step.sum_over_ranks([loss_sum.item(), slots], device)
+                loss_val /= world * (done - last_log)
+                check_finite(loss_val, grad_norm.item(), done, last_saved, run_dir)
+                dt = time.time() - t_log
+                entry = dict(step=done, loss=round(loss_val, 5), lr=lr, grad_norm=round(grad_norm.item(), 5),
+                             tok_s=round(tok_log / dt), pad_frac=round(1 - tok_log / all_slots, 4),
+                             peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
+                             else None)
+                if rank == 0:
+                    runs.append_log(entry, log_path)
+                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=entry["tok_s"])
+                loss_sum.zero_()
+                t_log, tok_log, slots, last_log = time.time(), 0, 0, done
+            if done % tcfg.eval_every == 0 or done == total:
+                t = time.time()
+                vl = step.evaluate(model, val_batches)
+                t_aside += time.time() - t
+                if rank == 0:
+                    runs.append_log(dict(step=done, val_loss=round(vl, 5)), log_path)
+                bar.write(f"step {done}: held-out loss {vl:.4f}")
+            if done % tcfg.save_every == 0 or done == total or stop:
+                # never save broken weights: the step's loss was of the weights before it, so check the ones saved
+                held = vl if done % tcfg.eval_every == 0 or done == total else step.evaluate(
+                    model, val_batches[:1] or batches[:1])
+                check_finite(held, 1.0, done, last_saved, run_dir, "held-out loss of the weights to be saved")
+                t = time.time()
+                checkpoint(done)
+                t_aside += time.time() - t
+                last_saved = done
+            if stop and done < total:
+                raise UserError(f"stopped by {runs.STOP[0]} at step {done} of {total}: the checkpoint is in {run_dir}; "
+                                f"continue with --resume")
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -332,5 +333,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with runs.stop_signals():  # SIGTERM or Ctrl-C: a checkpoint at the next log step, then a clean stop
-        cli.run(main)
+    cli.run(main)
