@@ -136,6 +136,8 @@ def run_eval(model, tok, rows, template, suffix, batch_size, max_new_tokens, des
                                     f"--batch_size (0: as many as fit)") from None
                 if len(chunk) == 1:
                     raise
+                outs = None
+            if outs is None:  # (outside the except: its traceback no longer holds the failed batch's tensors)
                 # the auto size was measured on free memory that others on the GPU (--jobs) have since taken: the
                 # same prompts again, half as many at a time
                 batch_size = (len(chunk) + 1) // 2
