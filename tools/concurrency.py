@@ -21,11 +21,12 @@ work = tempfile.mkdtemp()
 
 
 def launch(name, batch, env=None):
+    """One train.py run, its output to a file (a pipe read only at the end could fill and stall it)."""
     return subprocess.Popen([sys.executable, os.path.join(root, "train.py"), "--method", "lora", "--model", model_dir,
                              "--data", train, "--test_data", "", "--batch_size", str(batch), "--max_steps", str(steps),
                              "--eval_every", str(10 ** 6), "--save_every", str(10 ** 6), "--val_size", "16",
-                             "--device", device, "--out_dir", work, "--run_name", name],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--device", device, "--out_dir", work, "--run_name", name], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, name + ".log"), "w"))
 
 
 def together(setting, batch, count, env=None):
@@ -33,7 +34,11 @@ def together(setting, batch, count, env=None):
     procs = [(f"{setting}{i}", launch(f"{setting}{i}", batch, env)) for i in range(count)]
     for name, p in procs:
         if p.wait():
-            sys.exit(f"error: the {name} run failed: {p.stderr.read().strip().splitlines()[-1]}")
+            for _, q in procs:
+                q.kill()
+            last = (open(os.path.join(work, name + ".log")).read().strip().splitlines() or ["(no output)"])[-1]
+            shutil.rmtree(work, ignore_errors=True)
+            sys.exit(f"error: the {name} run failed: {last}")
     wall = time.time() - t0
     rates = [s["steps"] * batch / s["train_s"] for s in
              (json.load(open(os.path.join(work, name, "summary.json"))) for name, _ in procs)]
@@ -53,7 +58,8 @@ if mps and device.startswith("cuda"):
     env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=os.path.join(work, "mps"), CUDA_MPS_LOG_DIRECTORY=os.path.join(
         work, "mps-log"))
     os.makedirs(env["CUDA_MPS_PIPE_DIRECTORY"]), os.makedirs(env["CUDA_MPS_LOG_DIRECTORY"])
-    subprocess.run([mps, "-d"], env=env, check=True)
+    subprocess.run([mps, "-d"], env=env, check=True)  # (its own pipe directory: one already running elsewhere is
+    # not this one, and the rows above ran without it unless the machine's default pipe had a daemon)
     try:
         res["rows"]["mps"] = together("mps", 16, n, env)
     finally:
