@@ -186,8 +186,8 @@ STOP = []  # the name of a stop signal received inside stop_signals(), once one 
 @contextlib.contextmanager
 def stop_signals():
     """Around a training loop: SIGTERM (a cluster's preemption, `timeout` at a time limit) or Ctrl-C is noted in STOP
-    instead of killing the process, so that the loop can save a checkpoint at its next log step and stop: no work
-    is lost. A second signal acts as usual (ends the process). The previous handlers are back afterwards. Only the
+    instead of killing the process, so that the loop can save a checkpoint after the current step and stop: no
+    work is lost. A second signal acts as usual (ends the process). The previous handlers are back afterwards. Only the
     main thread of a single process takes part: under torchrun, its own handling stays (it forwards the signal to
     every worker and kills them 30 s later)."""
     def note(sig, frame):
@@ -195,7 +195,7 @@ def stop_signals():
         for s in old:  # the next one acts as usual
             signal.signal(s, old[s])
         if sig == signal.SIGINT:
-            print("\nCtrl-C: saving a checkpoint at the next log step, then stopping (Ctrl-C again quits now)",
+            print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again quits now)",
                   file=sys.stderr)
     STOP.clear()
     old = {}
