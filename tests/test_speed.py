@@ -444,6 +444,9 @@ def test_fed_dominance_verdicts():
     assert "Fed-SB dominates fedit (fed.py's bytes): **holds** (of its 1 points, 1 beaten and 0 missed" in lines
     assert "Fed-SB dominates fedex (fed.py's bytes): **inconclusive** (of its 1 points, 0 beaten and 0 missed" in lines
     assert "Fed-SB dominates ffa (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
+    # each point names what it was compared with, the two mean losses and t
+    assert "fed-fedit-r4 1.2000 against fed-sb-r32 1.0000, t = 24.49)" in lines
+    assert "fed-ffa-r4 1.5000: no Fed-SB point moves as few bytes)" in lines
     # a run with a diverged seed (fed.py's null held-out loss) is named and counts for nothing, its other seeds too
     lines = "\n".join(results.fed_report(sb + [dict(sb[0], seed=3, val_loss=None)] +
                                          recs("fed-fedit-r4", "fedit", 20, [1.2, 1.21, 1.19])))
@@ -452,7 +455,7 @@ def test_fed_dominance_verdicts():
     assert "Fed-SB dominates fedit (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
     # one seed a side decides nothing, however far apart
     lines = "\n".join(results.fed_report(sb[:1] + recs("fed-fedit-r4", "fedit", 20, [5.0])))
-    assert "Fed-SB dominates fedit (fed.py's bytes): **inconclusive**" in lines
+    assert "Fed-SB dominates fedit (fed.py's bytes): **inconclusive**" in lines and "one seed a side: no t)" in lines
 
 
 def test_bone_pace_verdict(tmp_path):
