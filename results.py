@@ -448,6 +448,7 @@ def fed_report(recs):
                   "runs take the chosen lr. " if swept_recs else "each table names where its lrs come from. ") + (
         "That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does not) is "
         "checked by tests/test_fed.py::test_aggregation_exactness, not by these runs.")
+    missing = fed_missing([r for r in recs if r.get("lr_from") != FED_SWEPT])  # a diverged run did run
     recs, diverged = plane_points(recs)
     if swept_recs:
         best = {}
@@ -499,7 +500,22 @@ def fed_report(recs):
                 lines.append(f"- Fed-SB dominates {other} ({conv}): **{word}** (of its {len(theirs)} points, "
                              f"{beaten} beaten and {missed} missed by the best Fed-SB point with no more bytes, "
                              f"Welch's t over the seeds, positive where Fed-SB is lower: {'; '.join(each)})")
-    return lines
+    return lines + missing
+
+
+def fed_missing(recs):
+    """What the default --stage fed would still run: per privacy setting, each run of FED_RUNS with fewer seeds
+    than the default --seeds (the report never lets a gap pass for a finished claim)."""
+    want, have = len(ResultsConfig.seeds), {}
+    for r in recs:
+        have.setdefault(r["eps"], {}).setdefault(r["name"], set()).add(r["seed"])
+    gaps = []
+    for eps in ResultsConfig.dp_epsilons:
+        short = [f"{n} ({len(have.get(eps, {}).get(n, ()))} of {want})" for n in FED_RUNS
+                 if len(have.get(eps, {}).get(n, ())) < want]
+        title = "without privacy" if eps == "inf" else f"at epsilon {eps}"
+        gaps += [f"{title}: " + ("none yet" if len(short) == len(FED_RUNS) else ", ".join(short))] if short else []
+    return ["", "Not run yet, seeds per run (`--stage fed` runs them): " + "; ".join(gaps) + "."] if gaps else []
 
 
 def fed_figure(recs, results_dir):

@@ -450,11 +450,16 @@ def test_fed_dominance_verdicts():
     # each point names what it was compared with, the two mean losses and t
     assert "fed-fedit-r4 1.2000 against fed-sb-r32 1.0000, t = 24.49)" in lines
     assert "fed-ffa-r4 1.5000: no Fed-SB point moves as few bytes)" in lines
+    # the gaps against what the default command runs: FED_RUNS x --dp_epsilons x 3 seeds
+    gaps = lines.split("Not run yet, seeds per run (`--stage fed` runs them): without privacy: ")[1]
+    assert "fed-sb-r64 (0 of 3)" in gaps and "fed-sb-r32" not in gaps and gaps.endswith(
+        "; at epsilon 1: none yet; at epsilon 3: none yet; at epsilon 7.5: none yet.")
     # a run with a diverged seed (fed.py's null held-out loss) is named and counts for nothing, its other seeds too
     lines = "\n".join(results.fed_report(sb + [dict(sb[0], seed=3, val_loss=None)] +
                                          recs("fed-fedit-r4", "fedit", 20, [1.2, 1.21, 1.19])))
     assert "left out with all their seeds from the tables and verdicts below: fed-sb-r32 (lr 0.01, epsilon inf: " \
            "1 of 4 seeds)." in lines and "| fed-sb-r32 |" not in lines
+    assert "fed-sb-r32 (" not in lines.split("Not run yet, seeds per run")[1]  # it ran: diverged is not missing
     assert "Fed-SB dominates fedit (fed.py's bytes): **does not hold** (of its 1 points, 0 beaten and 1 missed" in lines
     # one seed a side decides nothing, however far apart
     lines = "\n".join(results.fed_report(sb[:1] + recs("fed-fedit-r4", "fedit", 20, [5.0])))
