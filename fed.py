@@ -48,7 +48,8 @@ it reproducible, for tests only, and says so). The accountant's history (sigma, 
 trained) is saved with the run; a resumed run keeps its sigma, reports the epsilon of its whole history, and
 refuses settings that would exceed the target or change its terms. Fed-SB helps here: noise on R enters W as
 B xi A (linear, norm-preserving for orthonormal B, A), while noisy LoRA factors multiply. LoRA-SB's initialisation
-gradients are NOT private unless --sb_init_data is public data.
+gradients see no client's data: without --sb_init_data (a public file) a private run's init examples are the
+server's own, taken out of the pool before it is shared out (a run without privacy inits from the pooled data).
 
 Several processes (torchrun --nproc_per_node N fed.py ..., one per GPU): each process trains a contiguous share of
 a round's clients; every process then receives every client's state (all_gather) and aggregates them in client
@@ -132,7 +133,8 @@ class FedConfig(DataConfig, OptimConfig):
     dp_clip: float = 0.1  # C, the per-example L2 clip (> 0)
     dp_accountant: str = "rdp"  # rdp | prv (Opacus's)
     dp_seed: int = -1  # -1: DP noise and sampling from OS entropy; >= 0: reproducible, which VOIDS the guarantee
-    sb_init_data: str = ""  # a public file for LoRA-SB's central init; empty: the pooled training data
+    sb_init_data: str = ""  # a public file for LoRA-SB's central init; empty: the pooled training data (private:
+    # the server's own init_samples examples, taken out of the pool before it is shared out)
     eval_gsm8k: int = 0  # after the last round, GSM8K accuracy on the first N problems of --test_data; 0: none
     test_data: str = "gsm8k"  # the GSM8K test file of --eval_gsm8k; gsm8k: GSM8K test (fetched)
     seed: int = 0  # shards, client sampling, data order and the method's draws
@@ -375,8 +377,6 @@ def privacy_plan(cfg: FedConfig, shards, steps, saved=None):
 def check_private_resume(cfg: FedConfig, saved, sizes):
     """A resumed private run keeps the terms its guarantee is stated in, and its clients (the history is per client).
     The clip is among them though epsilon does not depend on it at a fixed sigma: one run, one mechanism."""
-    if saved["dp"] is None:
-        raise UserError("this run trained without privacy: a private run must start anew (a new --run_name)")
     old = saved["config"]
     for key in ("dp_epsilon", "dp_delta", "dp_clip", "dp_accountant", "batch_size"):
         if getattr(cfg, key) != old[key]:
@@ -537,10 +537,14 @@ def per_example_grads_vmap(model, params, x, y):
 
 
 def clip_per_example(g, C):
-    """Scale each example's gradient (all tensors jointly) to L2 norm <= C; returns the clipped sum."""
+    """Scale each example's gradient (all tensors jointly) to L2 norm <= C; returns the clipped sum. A non-finite
+    gradient (an overflow) counts as zero: 0 x inf would make the whole sum NaN, and a NaN model would tell whether
+    that example was sampled."""
     norms = torch.sqrt(sum(v.flatten(1).float().pow(2).sum(1) for v in g.values()))  # (N,)
-    factor = (C / (norms + 1e-6)).clamp(max=1.0)
-    return {n: torch.einsum("n,n...->...", factor.to(v.dtype), v) for n, v in g.items()}
+    ok = torch.isfinite(norms)  # (N,)
+    factor = torch.where(ok, (C / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    return {n: torch.einsum("n,n...->...", factor.to(v.dtype), torch.where(ok.view(-1, *[1] * (v.dim() - 1)), v, 0))
+            for n, v in g.items()}
 
 
 def noisy_mean(summed, sigma, C, expected_batch, gen):
@@ -633,6 +637,8 @@ def main(argv=None, clients=None):
     if saved is not None:
         cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS,  # the run's settings, then this command line
                                   dict(train=saved["config"], method_config=saved["method_config"]))
+    if saved is not None and saved["dp"] is None and math.isfinite(cfg.dp_epsilon):
+        raise UserError("this run trained without privacy: a private run must start anew (a new --run_name)")
     check_options(cfg)
     data.check(cfg)
     step.check(cfg, lr_given="lr" in dict(cli.pairs(argv)))
@@ -654,7 +660,7 @@ def main(argv=None, clients=None):
 
     # data: train.py's held-out split, then client shards of the rest
     tok = Tokenizer.from_pretrained(model_path)
-    seqs, val, shards, steps = client_data(cfg, tok, data_path)
+    seqs, val, shards, steps, own = client_data(cfg, tok, data_path, mcfg)
     val_batches = data.eval_batches(val, cfg.micro_batch_size or cfg.batch_size, cfg.max_len, tok.pad_id)
     dp = None  # privacy_plan's errors come before the model loads
     if private or (saved is not None and saved["dp"] is not None):
@@ -665,7 +671,7 @@ def main(argv=None, clients=None):
     base_loss = step.evaluate(model, val_batches) if saved is None else None
     comm = communication(model, cfg, mcfg)  # from the base model's module shapes
     if saved is None:
-        init_seqs = seqs if not cfg.sb_init_data else data.tokenize(
+        init_seqs = [seqs[i] for i in own] if own else seqs if not cfg.sb_init_data else data.tokenize(
             data.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
         # lr_1, LoRA-SB's init step: train.py's first step over the pooled data, not a client's (docstring)
         step.init_method(model, method, mcfg, init_seqs, cfg, tok.pad_id,
@@ -743,7 +749,10 @@ def main(argv=None, clients=None):
     if distributed and not step.finish_distributed():
         return None
     privacy = dp and dict(epsilon=max(epsilons(dp, cfg)), delta=max(dp["delta"]), target_epsilon=cfg.dp_epsilon,
-                          noise_multiplier=dp["sigma"], clip=cfg.dp_clip, accountant=cfg.dp_accountant)
+                          noise_multiplier=dp["sigma"], clip=cfg.dp_clip, accountant=cfg.dp_accountant,
+                          dp_seed=cfg.dp_seed, void=cfg.dp_seed >= 0,  # reproducible noise: no guarantee
+                          init=None if not method.GRADIENT_INIT else cfg.sb_init_data or
+                          f"the server's own {len(own)} examples, in no client's shard")
     summary = dict(method=cfg.method, rank=mcfg.rank, clients=cfg.clients, rounds=cfg.rounds, split=cfg.split,
                    per_client_per_round=comm, total=totals, final_val_loss=log[-1]["val_loss"], dp=privacy, log=log)
     model.__dict__.pop("_fed_step", None)  # the kept AdamW, gradients and graph pool: not needed to score
@@ -760,9 +769,12 @@ def main(argv=None, clients=None):
     return summary
 
 
-def client_data(cfg, tok, data_path):
-    """(training sequences, held-out sequences, client shards, local steps per client): train.py's held-out split,
-    then the seeded shards of the rest. The server and every client compute the same ones from the same file."""
+def client_data(cfg, tok, data_path, mcfg):
+    """(training sequences, held-out sequences, client shards, local steps per client, the server's own examples):
+    train.py's held-out split, then the seeded shards of the rest. A private gradient init without --sb_init_data
+    takes its init_samples examples out of the pool first: the server's own, in no client's shard, so no client's
+    data enters the init (the examples a run without privacy would init from). The server and every client compute
+    the same ones from the same file."""
     train_ex, val_ex, train_idx = data.splits(cfg, data_path)
     labels = None
     if cfg.split == "dirichlet":
@@ -770,10 +782,25 @@ def client_data(cfg, tok, data_path):
         labels = [labels[i] for i in train_idx]
     seqs, _ = data.tokenize(train_ex, tok, cfg.template, cfg.max_len)  # [(ids, n_prompt)]
     val, _ = data.tokenize(val_ex, tok, cfg.template, cfg.max_len)
-    if len(seqs) < cfg.clients:
-        raise UserError(f"{len(seqs)} training examples cannot make {cfg.clients} client shards: use fewer --clients")
-    shards = split_clients(len(seqs), cfg, labels)
-    return seqs, val, shards, [cfg.local_steps or math.ceil(len(s) / cfg.batch_size) for s in shards]
+    own = server_examples(cfg, mcfg, len(seqs))
+    held = set(own)
+    pool = [i for i in range(len(seqs)) if i not in held]  # what the clients share out
+    if own and len(pool) < cfg.clients:
+        raise UserError(f"a private {cfg.method} run keeps --init_samples {mcfg.init_samples} of the {len(seqs)} "
+                        f"training examples as the server's own (its init sees no client's data), which leaves "
+                        f"{len(pool)} for {cfg.clients} clients: lower --init_samples or pass --sb_init_data PUBLIC.jsonl")
+    if len(pool) < cfg.clients:
+        raise UserError(f"{len(pool)} training examples cannot make {cfg.clients} client shards: use fewer --clients")
+    shards = [[pool[i] for i in s] for s in split_clients(len(pool), cfg, labels and [labels[i] for i in pool])]
+    return seqs, val, shards, [cfg.local_steps or math.ceil(len(s) / cfg.batch_size) for s in shards], own
+
+
+def server_examples(cfg, mcfg, n):
+    """The indices of the server's own init examples: a private run's gradient init (LoRA-SB's) without a public
+    --sb_init_data takes the init_samples examples its init would read, out of the clients' pool; else none."""
+    if math.isfinite(cfg.dp_epsilon) and STRATEGIES[cfg.method].method.GRADIENT_INIT and not cfg.sb_init_data:
+        return data.example_order(n, cfg.seed, 0, mcfg.init_samples)
+    return []
 
 
 def client_seed(cfg, rnd, k):
@@ -799,7 +826,7 @@ def client_round(argv, k, rnd, global_state, setup=None, residual=None, dp_k=Non
     dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
     model_path, data_path = fetch.resolve_model(cfg.model), fetch.resolve_data(cfg.data, "train")
     tok = Tokenizer.from_pretrained(model_path)
-    seqs, _, shards, steps = client_data(cfg, tok, data_path)
+    seqs, _, shards, steps, _ = client_data(cfg, tok, data_path, mcfg)
     model = Llama.from_pretrained(model_path, device=device, dtype=dtype)
     strategy.method.apply(model, mcfg, init=False)  # the layers; their tensors come from the server (or the seed)
     for name, p in model.named_parameters():
@@ -829,9 +856,10 @@ def print_privacy(dp, cfg, saved, steps):
     if cfg.dp_seed >= 0:
         print(f"warning: --dp_seed {cfg.dp_seed} makes the DP noise reproducible from the saved settings: the "
               f"privacy guarantee is void (for tests only)")
-    if STRATEGIES[cfg.method].method.GRADIENT_INIT and not cfg.sb_init_data:
-        print("note: LoRA-SB's initialisation gradients come from the clients' data and are NOT private; pass "
-              "--sb_init_data with public data for an end-to-end guarantee")
+    if STRATEGIES[cfg.method].method.GRADIENT_INIT:
+        print(f"note: LoRA-SB's initialisation gradients come from --sb_init_data {cfg.sb_init_data}, taken to be "
+              f"public" if cfg.sb_init_data else "note: LoRA-SB's initialisation gradients come from the server's own "
+              "examples, held out of every client's shard: no client's data enters them")
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
                val_loss=s["final_val_loss"],
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
-               epsilon=s["dp"] and s["dp"]["epsilon"], clients=s["clients"], rounds=s["rounds"], flags=extra,
+               epsilon=s["dp"] and s["dp"]["epsilon"], dp=s["dp"], clients=s["clients"], rounds=s["rounds"], flags=extra,
                jobs=AT_ONCE[0])
     write_record(rec, path)
     return rec
@@ -473,8 +473,9 @@ def fed_report(recs):
                for n, g in groups.items()}
         title = "without privacy" if eps == "inf" else f"DP-SGD, epsilon {eps} per client"
         lines += ["", f"### Claim 5: Fed-SB on the communication / held-out loss plane, {title}, lr from "
-                  f"{src or 'fed.py'}", "", "| run | lr | bytes (fed.py's) | bytes (Fed-SB paper's) | held-out loss | "
-                  "seeds |", "|---|---|---|---|---|---|"]
+                  f"{src or 'fed.py'}"] + dp_terms([r for g in groups.values() for r in g]) + [
+                  "", "| run | lr | bytes (fed.py's) | bytes (Fed-SB paper's) | held-out loss | seeds |",
+                  "|---|---|---|---|---|---|"]
         for (n, lr), (_, b, pb, ls) in sorted(pts.items(), key=lambda kv: kv[1][1]):
             m, sd = mean_std(ls)
             lines.append(f"| {n} | {'' if lr is None else format(lr, 'g')} | {b:,} | {pb:,} | {m:.4f} +- {sd:.4f} | "
@@ -501,6 +502,26 @@ def fed_report(recs):
                              f"{beaten} beaten and {missed} missed by the best Fed-SB point with no more bytes, "
                              f"Welch's t over the seeds, positive where Fed-SB is lower: {'; '.join(each)})")
     return lines + missing
+
+
+def dp_terms(recs):
+    """The guarantee the private records of one table state, from what each run spent (its summary's dp): the
+    largest epsilon spent per client, the delta, the accountant, and every run whose noise was reproducible."""
+    dps = [r.get("dp") for r in recs if r["eps"] != "inf"]
+    if not dps:
+        return []
+    if None in dps:  # a record made before records kept the run's dp terms: its epsilon alone
+        return ["", f"Epsilon spent per client, at most {max(r['epsilon'] for r in recs):.4f} (the records "
+                    f"keep no delta or accountant)."]
+    void = sorted({r["name"] for r, d in zip(recs, dps) if d.get("void")})
+    inits = sorted({d["init"] for d in dps if d.get("init")})
+    return ["", f"Epsilon spent per client, at most {max(d['epsilon'] for d in dps):.4f} (target "
+                f"{max(d['target_epsilon'] for d in dps):g}) at delta <= {max(d['delta'] for d in dps):.2e} "
+                f"({', '.join(sorted({d['accountant'] for d in dps}))} accountant; clip "
+                f"{', '.join(sorted({format(d['clip'], 'g') for d in dps}))}); each run's own guarantee: the lr "
+                f"was chosen without privacy on the same data, outside every run's accounting."
+                + (f" LoRA-SB's init: {'; '.join(inits)}." if inits else "")
+                + (f" **No guarantee** (--dp_seed made the noise reproducible): {', '.join(void)}." if void else "")]
 
 
 def fed_missing(recs):

@@ -342,6 +342,10 @@ def test_per_example_grads_clipping_and_noise(method, monkeypatch):
     for i in range(4):
         one = fed.clip_per_example({n: v[i:i + 1] for n, v in pe.items()}, C)
         assert torch.sqrt(sum(v.pow(2).sum() for v in one.values())) <= C * (1 + 1e-5)
+    # an overflowed row counts as zero, not NaN for the whole sum (a NaN model would show it was sampled)
+    bad = {n: torch.cat([v[:1] * float("inf"), v[1:]]) for n, v in pe.items()}
+    rest = fed.clip_per_example({n: v[1:] for n, v in pe.items()}, C)
+    assert all(torch.equal(v, rest[n]) for n, v in fed.clip_per_example(bad, C).items())
     zeros = {"w": torch.zeros(200_000)}
     noisy = fed.noisy_mean(zeros, sigma=1.5, C=0.1, expected_batch=8, gen=torch.Generator().manual_seed(0))
     assert noisy["w"].std().item() == pytest.approx(1.5 * 0.1 / 8, rel=0.02)
@@ -417,8 +421,12 @@ def test_dp_settings_are_checked_before_the_model_loads(tmp_path, tiny_dir, gsm_
            (["--dp_epsilon", "3", "--dp_clip", "0"], r"--dp_clip must be > 0, got 0.0"),
            (["--dp_epsilon", "3", "--dp_delta", "2"], r"--dp_delta must be in \(0, 1/n\) for clients of n examples"),
            (["--dp_epsilon", "3", "--dp_delta", "-1e-5"], r"--dp_delta must be in \(0, 1/n\)"),
-           (["--dp_epsilon", "3", "--dp_delta", "0.1"], r"--dp_delta .* got 0.1 with n up to 20: use < 0.05"),  # 2 x 20
-           (["--dp_epsilon", "3", "--dp_accountant", "gdp"], r"--dp_accountant must be rdp or prv, got 'gdp'$")]
+           (["--dp_epsilon", "3", "--dp_delta", "0.1", "--method", "fedit"],
+            r"--dp_delta .* got 0.1 with n up to 20: use < 0.05"),  # 2 x 20
+           (["--dp_epsilon", "3", "--dp_accountant", "gdp"], r"--dp_accountant must be rdp or prv, got 'gdp'$"),
+           (["--dp_epsilon", "3"], r"a private sb run keeps --init_samples 64 of the 40 training examples as the "
+                                   r"server's own \(its init sees no client's data\), which leaves 0 for 2 clients: "
+                                   r"lower --init_samples or pass --sb_init_data PUBLIC.jsonl$")]
     for extra, message in bad:
         with pytest.raises(UserError, match="^" + message) as e:
             fed.main(common(tmp_path, tiny_dir, gsm_file, "--clients", "2", *extra))
@@ -430,6 +438,35 @@ def test_dp_settings_are_checked_before_the_model_loads(tmp_path, tiny_dir, gsm_
     with pytest.raises(UserError, match=r"^--dp_epsilon needs Opacus, whose privacy accountant fed.py uses: pip "
                                         r"install opacus$"):
         fed.main(common(tmp_path, tiny_dir, gsm_file, "--clients", "2", "--dp_epsilon", "3"))
+
+
+def test_private_sb_init_sees_no_client_data(tmp_path, tiny_dir, gsm_file, monkeypatch):
+    """A private Fed-SB run without --sb_init_data inits LoRA-SB from the server's own examples: the ones a run
+    without privacy would init from, taken out of the pool before it is shared, so they are in no client's shard
+    and the DP guarantee covers every client's data. Without privacy the pool is whole and the init reads it."""
+    pytest.importorskip("opacus")
+    seen = []
+    real = fed.step.init_method
+    monkeypatch.setattr(fed.step, "init_method", lambda model, method, mcfg, seqs, *a, **k: (
+        seen.append([list(ids) for ids, _ in seqs]), real(model, method, mcfg, seqs, *a, **k))[1])
+    args = ["--method", "sb", "--clients", "2", "--rounds", "1", "--local_steps", "1", "--init_samples", "4"]
+    private = fed.main(common(tmp_path, tiny_dir, gsm_file, *args, "--dp_epsilon", "3", "--dp_seed", "0", name="p"))
+    fed.main(common(tmp_path, tiny_dir, gsm_file, *args, name="np"))
+    assert private["dp"]["init"] == "the server's own 4 examples, in no client's shard"
+    tok = fed.Tokenizer.from_pretrained(tiny_dir)
+    for eps, init in (("3", seen[0]), ("inf", seen[1])):
+        cfg, mcfg = fed.cli.parse_run(common(tmp_path, tiny_dir, gsm_file, *args, "--dp_epsilon", eps),
+                                      fed.FedConfig, fed.FED_METHODS)
+        fed.resolve_defaults(cfg, torch.device("cpu"))
+        seqs, _, shards, steps, own = fed.client_data(cfg, tok, gsm_file, mcfg)
+        in_shards = sorted(i for s in shards for i in s)
+        if eps == "inf":  # the whole pool is shared out, and the init reads the pooled data
+            assert own == [] and in_shards == list(range(len(seqs))) and len(init) == len(seqs)
+            continue
+        assert own == fed.data.example_order(len(seqs), cfg.seed, 0, 4)  # what the init without privacy reads first
+        assert not set(own) & set(in_shards) and sorted(in_shards + own) == list(range(len(seqs)))
+        assert init == [list(seqs[i][0]) for i in own]  # the init saw those four and nothing else
+        assert private["dp"]["void"] and private["dp"]["dp_seed"] == 0  # --dp_seed: reproducible noise, no guarantee
 
 
 def test_private_resume_keeps_the_accountant_history(tmp_path, tiny_dir, gsm_file, monkeypatch, capsys):

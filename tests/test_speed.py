@@ -272,8 +272,10 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     (Fed-SB: the paper counts no setup; FedEx: its download K P) and held-out loss, with DP-SGD's epsilon, and the
     report's sweep table and dominance lines."""
     import fed
+    from conftest import write_gsm8k
     results = script("results")
     rec = tmp_path / "records"
+    gsm_file = write_gsm8k(tmp_path / "train.jsonl", n=80)  # a private Fed-SB run's server keeps 64 for its init
     tiny = ["--clients", "2", "--rounds", "1", "--local_steps", "1", "--batch_size", "4", "--val_size", "8",
             "--max_len", "384", "--device", "cpu", "--dp_seed", "0"]
     argv = ["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec),
@@ -309,6 +311,7 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert sb["bytes"] > sb["paper_bytes"]  # ours counts the one-time download of B and A
     priv = json.load(open(rec / "fed" / f"fed-sb-r32_lr{lrs['sb']:g}_eps3_s1.json"))
     assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < priv["epsilon"] <= 3
+    assert priv["dp"]["init"] == "the server's own 64 examples, in no client's shard" and priv["dp"]["void"]
     # a run cut off after its last saved round (fed_state.pt, no summary yet) goes on from it, not from the start
     import glob
     cut = f"fed-fedex-r4_lr{lrs['fedex']:g}_epsinf_s1"
@@ -321,6 +324,12 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert json.load(open(rec / "fed" / f"{cut}.json"))["val_loss"] == fx["val_loss"]
     text = open(rec / "RESULTS.md").read()
     assert "### Claim 5's lr sweep (seed 0, without privacy, held-out loss)" in text
+    terms = text.split("DP-SGD, epsilon 3 per client")[1].split("| run |")[0]  # the private table's guarantee
+    spent = max(json.load(open(f))["epsilon"] for f in glob.glob(str(rec / "fed" / "*_eps3_*.json")))
+    assert f"Epsilon spent per client, at most {spent:.4f} (target 3) at delta <= 1.00e-05 (rdp accountant; " \
+           f"clip 0.1)" in terms
+    assert "LoRA-SB's init: the server's own 64 examples, in no client's shard." in terms
+    assert "**No guarantee** (--dp_seed made the noise reproducible): fed-fedex-r4, fed-sb-r32." in terms
     assert f"| fed-sb-r32 | {lrs['sb']:g} | {min(r['val_loss'] for r in sweep.values() if r['strategy'] == 'sb'):.4f}" \
            f" (chosen) |" in text
     assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy, lr from each strategy's " \
