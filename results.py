@@ -74,6 +74,10 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     # whose sweep run chose the lr (reusing it would favour each method by its luckiest seed)
     fed_runs: str = ",".join(FED_RUNS)  # --stage fed: the federated runs (FED_RUNS), comma-separated
     dp_epsilons: tuple = ("inf", "1", "3", "7.5")  # --stage fed: each run without privacy (inf) and at these epsilons
+    fed_dp_sweep: str = "3"  # --stage fed: the epsilon at which each strategy's lr for its private runs is swept
+    # (seed 0, at the rank of its sweep without privacy): DP noise wants another lr than the one without
+    fed_dp_lr_factors: tuple = ("0.0625", "0.25", "1")  # that sweep's grid: the lr chosen without privacy times
+    # these, then past an edge (--lr_extend); Adam turns the noise into steps of about lr each, so they start lower
     fed_lr_factors: tuple = ("0.25", "1", "4")  # --stage fed: each strategy's lr sweep (fed_sweep_run, seed 0, no
     # privacy): the lr its method's centralised sweep chose (FED_LR) times these, then past an edge (--lr_extend)
     lr_extend: int = 3  # sweep: while the best lr is at the grid's edge, try this many more beyond it (same ratio)
@@ -343,6 +347,17 @@ def given_lr(extra):
     return lr
 
 
+def factors_of(key, values):
+    """An lr grid's factors (--fed_lr_factors, --fed_dp_lr_factors): numbers > 0, or one line naming the flag."""
+    try:
+        factors = [float(f) for f in values]
+    except ValueError:
+        factors = [0.0]
+    if not factors or not all(f > 0 for f in factors):
+        raise UserError(f"--{key} takes numbers > 0 (e.g. 0.25,1,4), got {','.join(values)}")
+    return factors
+
+
 def fed_centre(strategy, results_dir):
     """The centre of a strategy's fed lr sweep: the lr the centralised sweep chose for its method (FED_LR: Fed-SB
     LoRA-SB's, the LoRA strategies LoRA's)."""
@@ -365,20 +380,23 @@ def fed_sweep_run(strategy, fed_names, results_dir):
     return mine[len(mine) // 2]
 
 
-def fed_chosen_lr(run, results_dir):
-    """The lr of the lowest held-out loss in a fed lr sweep (its run `run`, seed 0, no privacy), or None."""
+def fed_chosen_lr(run, results_dir, eps="inf"):
+    """The lr of the lowest held-out loss in a fed lr sweep (its run `run`, seed 0, at epsilon `eps`), or None."""
     d = os.path.join(results_dir, "fed")
     recs = [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if f.endswith(".json") and
-            f.startswith(run + "_lr") and f.endswith("_epsinf_s0.json")] if os.path.isdir(d) else []
+            f.startswith(run + "_lr") and f.endswith(f"_eps{eps}_s0.json")] if os.path.isdir(d) else []
     recs = [r for r in recs if r.get("lr_from") == FED_SWEPT and r["val_loss"] is not None]
     return min(recs, key=lambda r: r["val_loss"])["lr"] if recs else None
 
 
-def one_lr(d, lrs, what, sweep_end=None):
+def one_lr(d, lrs, what, sweep_end=None, private=None):
     """Before any run: the records in `d` of each run name in `lrs` are at the lr this command gives it, or its
-    seeds would mix two lrs in one row; `sweep_end` ends the names of the sweep's own records (at any lr)."""
+    seeds would mix two lrs in one row; `sweep_end` ends the names of the sweep's own records (at any lr);
+    `private` (fed records): only the private ones (True) or only those without privacy (False)."""
     for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
         n, lr = f.split("_")[0], f.split("_lr")[-1].split("_")[0]  # <name>_lr<lr>_...json (no "_" in either)
+        if private is not None and ("_epsinf_" not in f) != private:
+            continue
         if f.endswith(".json") and n in lrs and lr != f"{lrs[n]:g}" and not (sweep_end and f.endswith(sweep_end)):
             raise UserError(f"{os.path.join(d, f)} is {n} at lr {lr}, this command runs it at {lrs[n]:g} ({what} "
                             f"changed): move the old records away, or pass another --results_dir")
@@ -441,11 +459,13 @@ def fed_report(recs):
              f"`{' '.join(r.get('flags', [])) or '(none)'}`; held-out loss of the global model after the last round; "
              "bytes summed over the run, up and down, in fed.py's convention (with Fed-SB's one-time download of B "
              "and A) and in the Fed-SB paper's; "]
-    swept_recs = sorted((r for r in recs if r.get("lr_from") == FED_SWEPT), key=lambda r: (r["name"], r["lr"]))
+    swept_recs = sorted((r for r in recs if r.get("lr_from") == FED_SWEPT),
+                        key=lambda r: (r["name"], float(r["eps"]), r["lr"]))
     lines[-1] += ("each strategy's lr is chosen by a sweep of its own at one rank (the sweep's table names it), "
                   "seed 0, without privacy, on the held-out loss: the lr its method's centralised sweep chose times "
-                  "`--fed_lr_factors`, extended past an edge as the centralised sweep is; the seeds and the private "
-                  "runs take the chosen lr. " if swept_recs else "each table names where its lrs come from. ") + (
+                  "`--fed_lr_factors`, extended past an edge as the centralised sweep is; the seeds take the chosen "
+                  "lr. The private runs take the lr of a second sweep of the same run, seed 0, at one epsilon "
+                  "(`--fed_dp_sweep`), over that choice times `--fed_dp_lr_factors`. " if swept_recs else "each table names where its lrs come from. ") + (
         "That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does not) is "
         "checked by tests/test_fed.py::test_aggregation_exactness, not by these runs.")
     missing = fed_missing([r for r in recs if r.get("lr_from") != FED_SWEPT])  # a diverged run did run
@@ -453,12 +473,14 @@ def fed_report(recs):
     if swept_recs:
         best = {}
         for r in swept_recs:
-            if r["val_loss"] is not None and (r["name"] not in best or r["val_loss"] < best[r["name"]]["val_loss"]):
-                best[r["name"]] = r
-        lines += ["", "### Claim 5's lr sweep (seed 0, without privacy, held-out loss)", "", "| run | lr | held-out "
-                  "loss |", "|---|---|---|"]
-        lines += [f"| {r['name']} | {r['lr']:g} | " + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
-                  + (" (chosen)" if best.get(r["name"]) is r else "") + " |" for r in swept_recs]
+            k = r["name"], r["eps"]
+            if r["val_loss"] is not None and (k not in best or r["val_loss"] < best[k]["val_loss"]):
+                best[k] = r
+        lines += ["", "### Claim 5's lr sweeps (seed 0, held-out loss)", "", "| run | epsilon | lr | held-out loss |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {'none' if r['eps'] == 'inf' else r['eps']} | {r['lr']:g} | "
+                  + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
+                  + (" (chosen)" if best.get((r["name"], r["eps"])) is r else "") + " |" for r in swept_recs]
     if diverged:  # a non-finite held-out loss: no point of the plane (fed.py trains on; its summary says null)
         lines += ["", f"Diverged (a null held-out loss), left out with all their seeds from the tables and verdicts "
                       f"below: {', '.join(diverged)}."]
@@ -518,8 +540,8 @@ def dp_terms(recs):
     return ["", f"Epsilon spent per client, at most {max(d['epsilon'] for d in dps):.4f} (target "
                 f"{max(d['target_epsilon'] for d in dps):g}) at delta <= {max(d['delta'] for d in dps):.2e} "
                 f"({', '.join(sorted({d['accountant'] for d in dps}))} accountant; clip "
-                f"{', '.join(sorted({format(d['clip'], 'g') for d in dps}))}); each run's own guarantee: the lr "
-                f"was chosen without privacy on the same data, outside every run's accounting."
+                f"{', '.join(sorted({format(d['clip'], 'g') for d in dps}))}); each run's own guarantee: its lr "
+                f"was chosen from sweeps on the same data, outside every run's accounting."
                 + (f" LoRA-SB's init: {'; '.join(inits)}." if inits else "")
                 + (f" **No guarantee** (--dp_seed made the noise reproducible): {', '.join(void)}." if void else "")]
 
@@ -958,12 +980,11 @@ def main(argv=None):
         given = given_lr(extra)
         if 0 in seeds and not given:
             raise UserError("--stage fed runs seed 0 as each strategy's lr sweep: pass other --seeds (e.g. 1,2,3)")
-        try:
-            fed_factors = [float(f) for f in args.fed_lr_factors]
-        except ValueError:
-            fed_factors = [0.0]
-        if not all(f > 0 for f in fed_factors):
-            raise UserError(f"--fed_lr_factors takes numbers > 0 (e.g. 0.25,1,4), got {','.join(args.fed_lr_factors)}")
+        fed_factors, dp_factors = (factors_of(key, getattr(args, key)) for key in ("fed_lr_factors",
+                                                                                   "fed_dp_lr_factors"))
+        dp_sweep = args.fed_dp_sweep if any(e != "inf" for e in args.dp_epsilons) and not given else None
+        if dp_sweep is not None and not (dp_sweep.replace(".", "", 1).isdigit() and float(dp_sweep) > 0):
+            raise UserError(f"--fed_dp_sweep takes an epsilon > 0 (e.g. 3), got {dp_sweep!r}")
         strategies = sorted({FED_RUNS[n][1] for n in fed_names})
         centres = {} if given else {st: fed_centre(st, args.results_dir) for st in strategies}
         swept_at = {st: fed_sweep_run(st, fed_names, args.results_dir) for st in centres}
@@ -992,9 +1013,28 @@ def main(argv=None):
         if None in lrs.values():
             raise UserError(f"every run of a fed lr sweep diverged ({', '.join(n for n in lrs if lrs[n] is None)}):"
                             f" pass smaller --fed_lr_factors")
-        one_lr(os.path.join(args.results_dir, "fed"), lrs, "the sweep's choice or --lr", "_epsinf_s0.json")
+        d = os.path.join(args.results_dir, "fed")
+        one_lr(d, lrs, "the sweep's choice or --lr", "_epsinf_s0.json", private=False)  # before any private sweep
+        dp_lrs, dp_source = lrs, "--lr" if given else "each strategy's fed sweep"
+        if dp_sweep is not None:  # the private runs' lr: a second sweep, at epsilon dp_sweep, around that choice
+            chosen = {st: fed_chosen_lr(swept_at[st], args.results_dir) for st in centres}
+            concurrently(args.jobs, [functools.partial(fed_run, swept_at[st], lr, dp_sweep, 0, args, extra)
+                                     for st in centres for lr in lr_grid(chosen[st], dp_factors)])
+            concurrently(args.jobs, [functools.partial(sweep, swept_at[st], chosen[st], dp_factors, args, extra,
+                                                       run=functools.partial(fed_run, swept_at[st], eps=dp_sweep,
+                                                                             seed=0, args=args, extra=extra))
+                                     for st in centres])
+            dp_lrs = {n: fed_chosen_lr(swept_at[FED_RUNS[n][1]], args.results_dir, dp_sweep) for n in fed_names}
+            if None in dp_lrs.values():
+                lost = ", ".join(n for n in dp_lrs if dp_lrs[n] is None)
+                raise UserError(f"every run of a private fed lr sweep diverged ({lost}): pass smaller "
+                                f"--fed_dp_lr_factors")
+            dp_source = f"each strategy's private fed sweep (epsilon {dp_sweep})"
+        if any(e != "inf" for e in args.dp_epsilons):  # (a command without privacy leaves the private ones be)
+            one_lr(d, dp_lrs, "the private sweep's choice or --lr", f"_eps{dp_sweep}_s0.json", private=True)
         source = "--lr" if given else "each strategy's fed sweep"
-        concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n], eps, sd, args, extra, lr_from=source)
+        concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n] if eps == "inf" else dp_lrs[n], eps, sd, args,
+                                                   extra, lr_from=source if eps == "inf" else dp_source)
                                  for n in fed_names for eps in args.dp_epsilons for sd in seeds])
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     if args.stage in ("sweep", "seeds"):

@@ -280,7 +280,7 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
             "--max_len", "384", "--device", "cpu", "--dp_seed", "0"]
     argv = ["--model", tiny_dir, "--data", gsm_file, "--out_dir", str(tmp_path / "runs"), "--results_dir", str(rec),
             "--stage", "fed", "--fed_runs", "fed-sb-r32,fed-fedex-r4", "--seeds", "1", "--fed_lr_factors", "0.5,1",
-            "--lr_extend", "0"]
+            "--fed_dp_lr_factors", "0.25,1", "--lr_extend", "0"]
     forbid_runs(monkeypatch)  # a sweep centres on its method's centralised choice: with none, one line, no run
     with pytest.raises(UserError, match=r"no finished sweep run of lora \(whose lr centres fedex's fed sweep\) in .*: "
                                         r"run --stage sweep --methods lora first"):
@@ -303,13 +303,22 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert all(r["lr_from"] == results.FED_SWEPT and r["eps"] == "inf" for r in sweep.values())
     lrs = {st: min((r for r in sweep.values() if r["strategy"] == st), key=lambda r: r["val_loss"])["lr"]
            for st in ("sb", "fedex")}
-    assert sorted(ran[4:]) == sorted((f"{n}_lr{lrs[st]:g}_eps{e}_s1", f"{lrs[st]:g}") for n, st in
-                                     (("fed-sb-r32", "sb"), ("fed-fedex-r4", "fedex")) for e in ("inf", "3"))
+    # the private runs' lr: a second sweep at --fed_dp_sweep (3), seed 0, around the lr chosen without privacy
+    dp_sweep = {r: json.load(open(rec / "fed" / f"{r}.json")) for r, _ in ran[4:8]}
+    assert sorted(dp_sweep) == sorted(f"{n}_lr{lrs[st] * f:g}_eps3_s0" for n, st in
+                                      (("fed-sb-r32", "sb"), ("fed-fedex-r4", "fedex")) for f in (0.25, 1))
+    assert all(r["lr_from"] == results.FED_SWEPT and r["eps"] == "3" for r in dp_sweep.values())
+    dp_lrs = {st: min((r for r in dp_sweep.values() if r["strategy"] == st), key=lambda r: r["val_loss"])["lr"]
+              for st in ("sb", "fedex")}
+    assert sorted(ran[8:]) == sorted((f"{n}_lr{lr[st]:g}_eps{e}_s1", f"{lr[st]:g}") for n, st in
+                                     (("fed-sb-r32", "sb"), ("fed-fedex-r4", "fedex"))
+                                     for e, lr in (("inf", lrs), ("3", dp_lrs)))
     sb = json.load(open(rec / "fed" / f"fed-sb-r32_lr{lrs['sb']:g}_epsinf_s1.json"))
     fx = json.load(open(rec / "fed" / f"fed-fedex-r4_lr{lrs['fedex']:g}_epsinf_s1.json"))
     assert sb["lr_from"] == fx["lr_from"] == "each strategy's fed sweep"
     assert sb["bytes"] > sb["paper_bytes"]  # ours counts the one-time download of B and A
-    priv = json.load(open(rec / "fed" / f"fed-sb-r32_lr{lrs['sb']:g}_eps3_s1.json"))
+    priv = json.load(open(rec / "fed" / f"fed-sb-r32_lr{dp_lrs['sb']:g}_eps3_s1.json"))
+    assert priv["lr_from"] == "each strategy's private fed sweep (epsilon 3)"
     assert fx["paper_bytes"] > 0 and sb["epsilon"] is None and 0 < priv["epsilon"] <= 3
     assert priv["dp"]["init"] == "the server's own 64 examples, in no client's shard" and priv["dp"]["void"]
     # a run cut off after its last saved round (fed_state.pt, no summary yet) goes on from it, not from the start
@@ -323,15 +332,16 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert len(cmds) == 1 and "--resume" in cmds[0] and "--overwrite" not in cmds[0]
     assert json.load(open(rec / "fed" / f"{cut}.json"))["val_loss"] == fx["val_loss"]
     text = open(rec / "RESULTS.md").read()
-    assert "### Claim 5's lr sweep (seed 0, without privacy, held-out loss)" in text
+    assert "### Claim 5's lr sweeps (seed 0, held-out loss)" in text
     terms = text.split("DP-SGD, epsilon 3 per client")[1].split("| run |")[0]  # the private table's guarantee
     spent = max(json.load(open(f))["epsilon"] for f in glob.glob(str(rec / "fed" / "*_eps3_*.json")))
     assert f"Epsilon spent per client, at most {spent:.4f} (target 3) at delta <= 1.00e-05 (rdp accountant; " \
            f"clip 0.1)" in terms
     assert "LoRA-SB's init: the server's own 64 examples, in no client's shard." in terms
     assert "**No guarantee** (--dp_seed made the noise reproducible): fed-fedex-r4, fed-sb-r32." in terms
-    assert f"| fed-sb-r32 | {lrs['sb']:g} | {min(r['val_loss'] for r in sweep.values() if r['strategy'] == 'sb'):.4f}" \
-           f" (chosen) |" in text
+    for eps, lr, recs in (("none", lrs["sb"], sweep), ("3", dp_lrs["sb"], dp_sweep)):  # each sweep's choice
+        best = min(r["val_loss"] for r in recs.values() if r["strategy"] == "sb")
+        assert f"| fed-sb-r32 | {eps} | {lr:g} | {best:.4f} (chosen) |" in text
     assert "Claim 5: Fed-SB on the communication / held-out loss plane, without privacy, lr from each strategy's " \
            "fed sweep" in text
     assert f"| fed-sb-r32 | {lrs['sb']:g} |" in text and "Claim 5's protocol: `fed.py` with 2 clients" in text
@@ -346,7 +356,7 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert "DP-SGD, epsilon 3 per client" in text and "Fed-SB dominates fedex (the paper's bytes)" in text
     # the records stand for these fed.py flags only: under others the command stops at once, before any run
     forbid_runs(monkeypatch)
-    with pytest.raises(UserError, match=r"fed-fedex-r4_lr0.0005_epsinf_s0.json was made with the flags --clients=2 "
+    with pytest.raises(UserError, match=r"fed-fedex-r4_lr[0-9.e-]+_eps(inf|3)_s0.json was made with the flags --clients=2 "
                                         r"--rounds=1 --local_steps=1 .* this command passes --clients=2 --rounds=1 "
                                         r"--local_steps=2"):
         results.main(argv + [a if a != "1" or i != 5 else "2" for i, a in enumerate(tiny)] + ["--dp_epsilons", "inf,3"])
@@ -364,10 +374,18 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     other = 0.04 if lrs["sb"] != 0.04 else 0.08
     json.dump(dict(sweep[f"fed-sb-r32_lr{lrs['sb']:g}_epsinf_s0"], lr=other, val_loss=-1.0),
               open(rec / "fed" / f"fed-sb-r32_lr{other:g}_epsinf_s0.json", "w"))
-    with pytest.raises(UserError, match=rf"fed-sb-r32_lr{lrs['sb']:g}_eps3_s1.json is fed-sb-r32 at lr {lrs['sb']:g}, "
+    with pytest.raises(UserError, match=rf"fed-sb-r32_lr{lrs['sb']:g}_epsinf_s1.json is fed-sb-r32 at lr {lrs['sb']:g}, "
                                         rf"this command runs it at {other:g} \(the sweep's choice or --lr changed\)"):
         results.main(argv + tiny + ["--dp_epsilons", "inf,3"])
     os.remove(rec / "fed" / f"fed-sb-r32_lr{other:g}_epsinf_s0.json")
+    # likewise the private sweep's choice: the private seeds at its old lr stop the command
+    other = 1e-5 if dp_lrs["sb"] != 1e-5 else 2e-5
+    json.dump(dict(dp_sweep[f"fed-sb-r32_lr{dp_lrs['sb']:g}_eps3_s0"], lr=other, val_loss=-1.0),
+              open(rec / "fed" / f"fed-sb-r32_lr{other:g}_eps3_s0.json", "w"))
+    with pytest.raises(UserError, match=rf"fed-sb-r32_lr{dp_lrs['sb']:g}_eps3_s1.json is fed-sb-r32 at lr "
+                                        rf"{dp_lrs['sb']:g}, this command runs it at {other:g} \(the private sweep's"):
+        results.main(argv + tiny + ["--dp_epsilons", "inf,3"])
+    os.remove(rec / "fed" / f"fed-sb-r32_lr{other:g}_eps3_s0.json")
     # --lr: no sweep; other flags into fresh records, the runs under the old flags (same out_dir) not read back
     cmds = []
     run_scripts_in_process(monkeypatch, fed.main, cmds)
