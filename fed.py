@@ -409,6 +409,8 @@ def per_example_grads(model, params, x, y):
     sum_t g_t a_t^T from that layer's input a and output gradient g, which no other row touches (causal attention
     within a row; padding sits after a row's tokens and its targets are ignored, so its g is zero). Rows never mix,
     so this is exact. A trainable tensor used any other way falls back to torch.func (vmap over rows of grad)."""
+    for p in params.values():
+        p.grad = None  # so that a use the book-keeping missed shows itself below
     seen = _LinearBookkeeping({id(p): n for n, p in params.items()}, x.shape[0])
     with seen:
         logits = model(x)[0]  # (N, T, V)
@@ -420,6 +422,10 @@ def per_example_grads(model, params, x, y):
     # row made each row's backward fill and add a zero tensor of all the logits' size, N times)
     loss = (tok.view(N, T).sum(1) / (y != -100).sum(1).clamp(min=1)).sum()  # a row of padding alone: 0
     loss.backward(inputs=list(params.values()))  # the layers' backward fills seen.grads; P.grad stays untouched
+    if any(p.grad is not None for p in params.values()):  # a use the book-keeping missed (through P.T, say): its
+        for p in params.values():  # rows were summed, unclipped, into P.grad; the generic path instead
+            p.grad = None
+        return per_example_grads_vmap(model, params, x, y)
     return {n: seen.grads.get(n, torch.zeros((x.shape[0], *p.shape), device=p.device)) for n, p in params.items()}
 
 

@@ -440,6 +440,31 @@ def test_dp_settings_are_checked_before_the_model_loads(tmp_path, tiny_dir, gsm_
         fed.main(common(tmp_path, tiny_dir, gsm_file, "--clients", "2", "--dp_epsilon", "3"))
 
 
+def test_per_example_grads_catch_a_use_the_book_keeping_misses():
+    """A trainable tensor the forward reads through a property (P.T) escapes the book-keeping of F.linear: its rows
+    would be summed into P.grad and its per-example gradients left at zero (unclipped data in, nothing private out).
+    per_example_grads sees P.grad filled and takes the generic path: every row's gradient is its own."""
+    torch.manual_seed(0)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(11, 4), torch.nn.Linear(5, 11, bias=False)
+            self.P = torch.nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            return (self.head(self.emb(x) @ self.P.T),)  # (N, T, 11)
+    model = Toy().requires_grad_(False)
+    model.P.requires_grad_(True)
+    x = torch.randint(0, 11, (3, 6))
+    y = x.roll(-1, 1)
+    pe = fed.per_example_grads(model, {"P": model.P}, x, y)["P"]  # (3, 5, 4)
+    for i in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x[i:i + 1])[0][0], y[i])
+        assert torch.allclose(pe[i], torch.autograd.grad(loss, model.P)[0], atol=1e-6), i
+    assert model.P.grad is None and pe.abs().sum() > 0
+
+
 def test_private_sb_init_sees_no_client_data(tmp_path, tiny_dir, gsm_file, monkeypatch):
     """A private Fed-SB run without --sb_init_data inits LoRA-SB from the server's own examples: the ones a run
     without privacy would init from, taken out of the pool before it is shared, so they are in no client's shard
