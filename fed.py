@@ -383,8 +383,9 @@ def check_private_resume(cfg: FedConfig, saved, sizes):
             raise UserError(f"--{key} {getattr(cfg, key)} differs from this private run's {old[key]}: its guarantee "
                             f"was stated for {old[key]}; keep it or start a new run")
     if saved["dp"]["sizes"] != sizes:
-        raise UserError("the clients' shards differ from this private run's (--clients, --split, --data, --seed...): "
-                        "its accountant's history is per client; keep its settings or start a new run")
+        raise UserError("the clients' shards differ from this private run's (--clients, --split, --data, --seed, "
+                        "--init_samples, --sb_init_data...): its accountant's history is per client; keep its "
+                        "settings or start a new run")
 
 
 def epsilons(dp, cfg: FedConfig, more_steps=None):
@@ -442,10 +443,13 @@ class _LinearBookkeeping(torch.overrides.TorchFunctionMode):
         if func is F.linear and len(args) >= 2 and id(args[1]) in self.names and not kwargs \
                 and (len(args) == 2 or args[2] is None):
             return _PerRowLinear.apply(args[0], args[1], self, self.names[id(args[1])])
-        if getattr(func, "__name__", "") != "__get__":  # reading .shape or .dtype is no use of the values
+        out = func(*args, **kwargs)
+        # any other use of a trainable tensor's values, a property that returns a tensor (P.T) included; reading
+        # .shape or .dtype is none
+        if getattr(func, "__name__", "") != "__get__" or isinstance(out, torch.Tensor):
             flat = torch.utils._pytree.tree_leaves((args, kwargs))
             self.other |= any(isinstance(t, torch.Tensor) and id(t) in self.names for t in flat)
-        return func(*args, **kwargs)
+        return out
 
 
 class _PerRowLinear(torch.autograd.Function):
@@ -679,7 +683,8 @@ def main(argv=None, clients=None):
     if saved is None:
         init_seqs = [seqs[i] for i in own] if own else seqs if not cfg.sb_init_data else data.tokenize(
             data.load_examples(cfg.sb_init_data), tok, cfg.template, cfg.max_len)[0]
-        # lr_1, LoRA-SB's init step: train.py's first step over the pooled data, not a client's (docstring)
+        # lr_1, LoRA-SB's init step: train.py's first step over the pooled data, not a client's (docstring), even
+        # when a private run inits from the server's own examples
         step.init_method(model, method, mcfg, init_seqs, cfg, tok.pad_id,
                          step.get_lr(0, cfg, math.ceil(len(seqs) / cfg.batch_size)), rank, world)
     else:  # the layers only: the saved state fills them
@@ -794,7 +799,8 @@ def client_data(cfg, tok, data_path, mcfg):
     if own and len(pool) < cfg.clients:
         raise UserError(f"a private {cfg.method} run keeps --init_samples {mcfg.init_samples} of the {len(seqs)} "
                         f"training examples as the server's own (its init sees no client's data), which leaves "
-                        f"{len(pool)} for {cfg.clients} clients: lower --init_samples or pass --sb_init_data PUBLIC.jsonl")
+                        f"{len(pool)} for {cfg.clients} clients: lower --init_samples or pass --sb_init_data "
+                        f"PUBLIC.jsonl")
     if len(pool) < cfg.clients:
         raise UserError(f"{len(pool)} training examples cannot make {cfg.clients} client shards: use fewer --clients")
     shards = [[pool[i] for i in s] for s in split_clients(len(pool), cfg, labels and [labels[i] for i in pool])]
@@ -862,10 +868,13 @@ def print_privacy(dp, cfg, saved, steps):
     if cfg.dp_seed >= 0:
         print(f"warning: --dp_seed {cfg.dp_seed} makes the DP noise reproducible from the saved settings: the "
               f"privacy guarantee is void (for tests only)")
-    if STRATEGIES[cfg.method].method.GRADIENT_INIT:
+    if STRATEGIES[cfg.method].method.GRADIENT_INIT and cfg.sb_init_data:
         print(f"note: LoRA-SB's initialisation gradients come from --sb_init_data {cfg.sb_init_data}, taken to be "
-              f"public" if cfg.sb_init_data else "note: LoRA-SB's initialisation gradients come from the server's own "
-              "examples, held out of every client's shard: no client's data enters them")
+              f"public")
+    elif STRATEGIES[cfg.method].method.GRADIENT_INIT:
+        print("note: LoRA-SB's initialisation gradients come from the server's own examples, held out of every "
+              "client's shard: no client's data enters them, but they are a noise-free start the other strategies "
+              "do not get")
 
 
 if __name__ == "__main__":

@@ -276,8 +276,8 @@ def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
                val_loss=s["final_val_loss"],
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
-               epsilon=s["dp"] and s["dp"]["epsilon"], dp=s["dp"], clients=s["clients"], rounds=s["rounds"], flags=extra,
-               jobs=AT_ONCE[0])
+               epsilon=s["dp"] and s["dp"]["epsilon"], dp=s["dp"], clients=s["clients"], rounds=s["rounds"],
+               flags=extra, jobs=AT_ONCE[0])
     write_record(rec, path)
     return rec
 
@@ -465,7 +465,9 @@ def fed_report(recs):
                   "seed 0, without privacy, on the held-out loss: the lr its method's centralised sweep chose times "
                   "`--fed_lr_factors`, extended past an edge as the centralised sweep is; the seeds take the chosen "
                   "lr. The private runs take the lr of a second sweep of the same run, seed 0, at one epsilon "
-                  "(`--fed_dp_sweep`), over that choice times `--fed_dp_lr_factors`. " if swept_recs else "each table names where its lrs come from. ") + (
+                  "(`--fed_dp_sweep`), over that choice times `--fed_dp_lr_factors`. The sweeps and the verdicts read "
+                  "the same held-out split (every strategy alike). " if swept_recs else
+                  "each table names where its lrs come from. ") + (
         "That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does not) is "
         "checked by tests/test_fed.py::test_aggregation_exactness, not by these runs.")
     missing = fed_missing([r for r in recs if r.get("lr_from") != FED_SWEPT])  # a diverged run did run
@@ -500,7 +502,8 @@ def fed_report(recs):
                   "|---|---|---|---|---|---|"]
         for (n, lr), (_, b, pb, ls) in sorted(pts.items(), key=lambda kv: kv[1][1]):
             m, sd = mean_std(ls)
-            lines.append(f"| {n} | {'' if lr is None else format(lr, 'g')} | {b:,} | {pb:,} | {m:.4f} +- {sd:.4f} | "
+            spread = f"+- {sd:.4f}" if len(ls) > 1 else "(one seed)"
+            lines.append(f"| {n} | {'' if lr is None else format(lr, 'g')} | {b:,} | {pb:,} | {m:.4f} {spread} | "
                          f"{len(ls)} |")
         sb = [(b, pb, ls, n) for (n, _), (st, b, pb, ls) in pts.items() if st == "sb"]
         for other in sorted({st for st, *_ in pts.values()} - {"sb"}):
@@ -518,7 +521,7 @@ def fed_report(recs):
                     tt, need = welch_t(s[2], t[2])
                     beaten, missed = beaten + (tt >= need), missed + (tt <= -need)
                     each.append(f"{t[3]} {mean_std(t[2])[0]:.4f} against {s[3]} {mean_std(s[2])[0]:.4f}, "
-                                + (f"t = {tt:.2f}" if need < float("inf") else "one seed a side: no t"))
+                                + (f"t = {tt:.2f}" if need < float("inf") else "a side with one seed: no t"))
                 word = "holds" if beaten == len(theirs) else "does not hold" if missed else "inconclusive"
                 lines.append(f"- Fed-SB dominates {other} ({conv}): **{word}** (of its {len(theirs)} points, "
                              f"{beaten} beaten and {missed} missed by the best Fed-SB point with no more bytes, "
@@ -549,15 +552,16 @@ def dp_terms(recs):
 def fed_missing(recs):
     """What the default --stage fed would still run: per privacy setting, each run of FED_RUNS with fewer seeds
     than the default --seeds (the report never lets a gap pass for a finished claim)."""
-    want, have = len(ResultsConfig.seeds), {}
+    want, have = {int(sd) for sd in ResultsConfig.seeds}, {}
     for r in recs:
-        have.setdefault(r["eps"], {}).setdefault(r["name"], set()).add(r["seed"])
+        if r["seed"] in want:  # other seeds stand in for none of the default ones
+            have.setdefault(r["eps"], {}).setdefault(r["name"], set()).add(r["seed"])
     gaps = []
     for eps in ResultsConfig.dp_epsilons:
-        short = [f"{n} ({len(have.get(eps, {}).get(n, ()))} of {want})" for n in FED_RUNS
-                 if len(have.get(eps, {}).get(n, ())) < want]
+        count = {n: len(have.get(eps, {}).get(n, ())) for n in FED_RUNS}
+        short = [f"{n} ({c} of {len(want)})" for n, c in count.items() if c < len(want)]
         title = "without privacy" if eps == "inf" else f"at epsilon {eps}"
-        gaps += [f"{title}: " + ("none yet" if len(short) == len(FED_RUNS) else ", ".join(short))] if short else []
+        gaps += [f"{title}: " + ("none yet" if not any(count.values()) else ", ".join(short))] if short else []
     return ["", "Not run yet, seeds per run (`--stage fed` runs them): " + "; ".join(gaps) + "."] if gaps else []
 
 
@@ -1031,7 +1035,7 @@ def main(argv=None):
                                 f"--fed_dp_lr_factors")
             dp_source = f"each strategy's private fed sweep (epsilon {dp_sweep})"
         if any(e != "inf" for e in args.dp_epsilons):  # (a command without privacy leaves the private ones be)
-            one_lr(d, dp_lrs, "the private sweep's choice or --lr", f"_eps{dp_sweep}_s0.json", private=True)
+            one_lr(d, dp_lrs, "the private sweep's choice or --lr", f"_eps{args.fed_dp_sweep}_s0.json", private=True)
         source = "--lr" if given else "each strategy's fed sweep"
         concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n] if eps == "inf" else dp_lrs[n], eps, sd, args,
                                                    extra, lr_from=source if eps == "inf" else dp_source)

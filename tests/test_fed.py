@@ -443,7 +443,8 @@ def test_dp_settings_are_checked_before_the_model_loads(tmp_path, tiny_dir, gsm_
 def test_per_example_grads_catch_a_use_the_book_keeping_misses():
     """A trainable tensor the forward reads through a property (P.T) escapes the book-keeping of F.linear: its rows
     would be summed into P.grad and its per-example gradients left at zero (unclipped data in, nothing private out).
-    per_example_grads sees P.grad filled and takes the generic path: every row's gradient is its own."""
+    The book-keeping counts a property that returns a tensor as a use (as the CUDA-graph path's probe reads it), and
+    per_example_grads would also see P.grad filled: either way the generic path, every row's gradient its own."""
     torch.manual_seed(0)
 
     class Toy(torch.nn.Module):
@@ -463,6 +464,10 @@ def test_per_example_grads_catch_a_use_the_book_keeping_misses():
         loss = torch.nn.functional.cross_entropy(model(x[i:i + 1])[0][0], y[i])
         assert torch.allclose(pe[i], torch.autograd.grad(loss, model.P)[0], atol=1e-6), i
     assert model.P.grad is None and pe.abs().sum() > 0
+    book = fed._LinearBookkeeping({id(model.P): "P"}, 1)
+    with torch.no_grad(), book:  # graphed_dp_micro's probe: a use beyond a linear weight keeps it off the graph
+        model(x[:1])
+    assert book.other
 
 
 def test_private_sb_init_sees_no_client_data(tmp_path, tiny_dir, gsm_file, monkeypatch):
