@@ -639,6 +639,7 @@ def main(argv=None, clients=None):
                               [(f"{m.__name__}.py options (--method "
                                 f"{', '.join(k for k, s in STRATEGIES.items() if s.method is m)})", m.Config)
                                for m in files])
+    started = time.time()
     cfg, mcfg = cli.parse_run(argv, FedConfig, FED_METHODS)
     run_dir = os.path.join(cfg.out_dir, cfg.run_name or cfg.method)
     state_path = os.path.join(run_dir, "fed_state.pt")
@@ -753,7 +754,8 @@ def main(argv=None, clients=None):
             residual = {n: E.cpu() for n, E in fedex_residuals(model).items()}
             runs.atomic_save(dict(round=rnd + 1, adapter=method.adapter_state_dict(model), residual=residual,
                                   dp=dp and dict(sigma=dp["sigma"], history=dp["history"], sizes=dp["sizes"]),
-                                  log=log, totals=totals, config=asdict(cfg), method_config=asdict(mcfg)),
+                                  log=log, totals=totals, config=asdict(cfg), method_config=asdict(mcfg),
+                                  wall_s=(saved or {}).get("wall_s", 0.0) + time.time() - started),
                              state_path, torch.save)
 
     # the end: rank 0 alone scores the global model as trained (adapters unmerged, the training's precision)
@@ -769,6 +771,9 @@ def main(argv=None, clients=None):
     model.__dict__.pop("_fed_step", None)  # the kept AdamW, gradients and graph pool: not needed to score
     if cfg.eval_gsm8k:
         summary["gsm8k"] = ev.score(model, tok, test_path, cfg.eval_gsm8k, cfg.template)
+    # the run's wall time, start-up included; a resumed run adds its parts up to their last saved round (what a cut
+    # part did after it is redone, and counted once)
+    summary["wall_s"] = round((saved or {}).get("wall_s", 0.0) + time.time() - started, 1)
     runs.save_json(summary, os.path.join(run_dir, "summary.json"))
     print_communication(comm)
     print(f"total over {cfg.rounds} rounds, all clients: {totals['up_bytes'] + totals['down_bytes']:,} bytes "

@@ -277,7 +277,7 @@ def fed_run(name, lr, eps, seed, args, extra, lr_from=FED_SWEPT):
                bytes=s["total"]["up_bytes"] + s["total"]["down_bytes"],
                paper_bytes=4 * sent * (paper["up_params"] + paper["down_params"]),
                epsilon=s["dp"] and s["dp"]["epsilon"], dp=s["dp"], clients=s["clients"], rounds=s["rounds"],
-               flags=extra, jobs=AT_ONCE[0])
+               flags=extra, jobs=AT_ONCE[0], wall_s=s.get("wall_s"))
     write_record(rec, path)
     return rec
 
@@ -470,6 +470,7 @@ def fed_report(recs):
                   "each table names where its lrs come from. ") + (
         "That Fed-SB's aggregate equals the exact average of the clients' updates (and FedIT's does not) is "
         "checked by tests/test_fed.py::test_aggregation_exactness, not by these runs.")
+    all_recs = recs
     missing = fed_missing([r for r in recs if r.get("lr_from") != FED_SWEPT])  # a diverged run did run
     recs, diverged = plane_points(recs)
     if swept_recs:
@@ -526,7 +527,11 @@ def fed_report(recs):
                 lines.append(f"- Fed-SB dominates {other} ({conv}): **{word}** (of its {len(theirs)} points, "
                              f"{beaten} beaten and {missed} missed by the best Fed-SB point with no more bytes, "
                              f"Welch's t over the seeds, positive where Fed-SB is lower: {'; '.join(each)})")
-    return lines + missing
+    timed = [r for r in all_recs if r.get("wall_s") is not None]
+    cost = ["", f"Cost: {len(timed)} of the {len(all_recs)} runs here keep their wall time (start-up included): "
+                f"{sum(r['wall_s'] for r in timed):,.0f} s in all, up to {max(r.get('jobs', 1) for r in timed)} "
+                f"sharing the GPU at once."] if timed else []
+    return lines + missing + cost
 
 
 def dp_terms(recs):

@@ -331,8 +331,12 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     results.main(argv + tiny + ["--dp_epsilons", "inf,3"])
     assert len(cmds) == 1 and "--resume" in cmds[0] and "--overwrite" not in cmds[0]
     assert json.load(open(rec / "fed" / f"{cut}.json"))["val_loss"] == fx["val_loss"]
+    state = torch.load(glob.glob(str(tmp_path / "runs" / "*" / cut / "fed_state.pt"))[0], weights_only=True)
+    assert json.load(open(rec / "fed" / f"{cut}.json"))["wall_s"] > state["wall_s"] > 0  # the parts added up
     text = open(rec / "RESULTS.md").read()
     assert "### Claim 5's lr sweeps (seed 0, held-out loss)" in text
+    n = len(glob.glob(str(rec / "fed" / "*.json")))
+    assert f"Cost: {n} of the {n} runs here keep their wall time (start-up included): " in text
     terms = text.split("DP-SGD, epsilon 3 per client")[1].split("| run |")[0]  # the private table's guarantee
     spent = max(json.load(open(f))["epsilon"] for f in glob.glob(str(rec / "fed" / "*_eps3_*.json")))
     assert f"Epsilon spent per client, at most {spent:.4f} (target 3) at delta <= 1.00e-05 (rdp accountant; " \
