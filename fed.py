@@ -773,7 +773,7 @@ def main(argv=None, clients=None):
         summary["gsm8k"] = ev.score(model, tok, test_path, cfg.eval_gsm8k, cfg.template)
     # the run's wall time, start-up included; a resumed run adds its parts up to their last saved round (what a cut
     # part did after it is redone, and counted once)
-    summary["wall_s"] = round((saved or {}).get("wall_s", 0.0) + time.time() - started, 1)
+    summary["wall_s"] = (saved or {}).get("wall_s", 0.0) + time.time() - started  # unrounded: the parts add up
     runs.save_json(summary, os.path.join(run_dir, "summary.json"))
     print_communication(comm)
     print(f"total over {cfg.rounds} rounds, all clients: {totals['up_bytes'] + totals['down_bytes']:,} bytes "
