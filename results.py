@@ -358,6 +358,24 @@ def factors_of(key, values):
     return factors
 
 
+def fed_lr_sweep(eps, centres, factors, swept_at, fed_names, args, extra):
+    """Each strategy's fed lr sweep at epsilon `eps` (seed 0, at its run swept_at[strategy]; resumes from its
+    records): every strategy's grid around centres[strategy] at once, then each one's steps past an edge. Returns
+    the lr each run of fed_names takes: its strategy's choice."""
+    concurrently(args.jobs, [functools.partial(fed_run, swept_at[st], lr, eps, 0, args, extra)
+                             for st in centres for lr in lr_grid(centres[st], factors)])
+    concurrently(args.jobs, [functools.partial(sweep, swept_at[st], centres[st], factors, args, extra,
+                                               run=functools.partial(fed_run, swept_at[st], eps=eps, seed=0,
+                                                                     args=args, extra=extra)) for st in centres])
+    lrs = {n: fed_chosen_lr(swept_at[FED_RUNS[n][1]], args.results_dir, eps) for n in fed_names}
+    if None in lrs.values():
+        private = eps != "inf"
+        raise UserError(f"every run of a{' private' * private} fed lr sweep diverged "
+                        f"({', '.join(n for n in lrs if lrs[n] is None)}): pass smaller "
+                        f"--{'fed_dp_lr_factors' if private else 'fed_lr_factors'}")
+    return lrs
+
+
 def fed_centre(strategy, results_dir):
     """The centre of a strategy's fed lr sweep: the lr the centralised sweep chose for its method (FED_LR: Fed-SB
     LoRA-SB's, the LoRA strategies LoRA's)."""
@@ -1011,33 +1029,16 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     if args.stage == "fed":  # claim 5: other keys go on to fed.py (e.g. --clients 10 --rounds 3)
         resolve(args)
-        # each strategy's lr: its own sweep first (seed 0, no privacy, at its middle rank; resumes from its records):
-        # every strategy's grid at once, then each one's steps past an edge
-        concurrently(args.jobs, [functools.partial(fed_run, swept_at[st], lr, "inf", 0, args, extra)
-                                 for st in centres for lr in lr_grid(centres[st], fed_factors)])
-        concurrently(args.jobs, [functools.partial(sweep, swept_at[st], centres[st], fed_factors, args, extra,
-                                                   run=functools.partial(fed_run, swept_at[st], eps="inf", seed=0,
-                                                                         args=args, extra=extra)) for st in centres])
-        lrs = {n: given or fed_chosen_lr(swept_at[FED_RUNS[n][1]], args.results_dir) for n in fed_names}
-        if None in lrs.values():
-            raise UserError(f"every run of a fed lr sweep diverged ({', '.join(n for n in lrs if lrs[n] is None)}):"
-                            f" pass smaller --fed_lr_factors")
+        # each strategy's lr: its own sweep first (seed 0, no privacy, at its middle rank), around its method's
+        # centralised choice
+        lrs = {n: given for n in fed_names} if given else fed_lr_sweep("inf", centres, fed_factors, swept_at,
+                                                                        fed_names, args, extra)
         d = os.path.join(args.results_dir, "fed")
         one_lr(d, lrs, "the sweep's choice or --lr", "_epsinf_s0.json", private=False)  # before any private sweep
         dp_lrs, dp_source = lrs, "--lr" if given else "each strategy's fed sweep"
         if dp_sweep is not None:  # the private runs' lr: a second sweep, at epsilon dp_sweep, around that choice
             chosen = {st: fed_chosen_lr(swept_at[st], args.results_dir) for st in centres}
-            concurrently(args.jobs, [functools.partial(fed_run, swept_at[st], lr, dp_sweep, 0, args, extra)
-                                     for st in centres for lr in lr_grid(chosen[st], dp_factors)])
-            concurrently(args.jobs, [functools.partial(sweep, swept_at[st], chosen[st], dp_factors, args, extra,
-                                                       run=functools.partial(fed_run, swept_at[st], eps=dp_sweep,
-                                                                             seed=0, args=args, extra=extra))
-                                     for st in centres])
-            dp_lrs = {n: fed_chosen_lr(swept_at[FED_RUNS[n][1]], args.results_dir, dp_sweep) for n in fed_names}
-            if None in dp_lrs.values():
-                lost = ", ".join(n for n in dp_lrs if dp_lrs[n] is None)
-                raise UserError(f"every run of a private fed lr sweep diverged ({lost}): pass smaller "
-                                f"--fed_dp_lr_factors")
+            dp_lrs = fed_lr_sweep(dp_sweep, chosen, dp_factors, swept_at, fed_names, args, extra)
             dp_source = f"each strategy's private fed sweep (epsilon {dp_sweep})"
         if any(e != "inf" for e in args.dp_epsilons):  # (a command without privacy leaves the private ones be)
             one_lr(d, dp_lrs, "the private sweep's choice or --lr", f"_eps{args.fed_dp_sweep}_s0.json", private=True)
