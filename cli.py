@@ -21,12 +21,37 @@ class UserError(Exception):
     """Bad input (a missing file, an unsupported config, a meaningless value): printed as one line, no traceback."""
 
 
+# errors of the device itself, not of the input: out of memory, a GPU that is busy, lost or refused (e.g. a stuck
+# MPS daemon). torch raises AcceleratorError for the latter since 2.8; older torch a RuntimeError naming CUDA.
+DEVICE_ERRORS = (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))
+
+
+def device_error(e):
+    """The one line for an error of the GPU itself (DEVICE_ERRORS), naming what to do; None for any other error."""
+    text = (str(e).splitlines() or [""])[0][:160]
+    if isinstance(e, torch.OutOfMemoryError):
+        return (f"out of GPU memory ({text}): pass a smaller --micro_batch_size, or share the GPU with fewer runs "
+                f"(results.py --jobs); a run that saved a checkpoint goes on from it with --resume")
+    if isinstance(e, DEVICE_ERRORS) or isinstance(e, RuntimeError) and text.startswith("CUDA error"):
+        return (f"the GPU failed ({type(e).__name__}: {text}): check it with nvidia-smi (another process holding "
+                f"it, a stuck MPS daemon: `echo quit | nvidia-cuda-mps-control`); a run that saved a checkpoint "
+                f"goes on from it with --resume")
+    return None
+
+
 def run(main):
-    """Call main() as a script does: a UserError becomes `error: ...` on stderr and exit status 1."""
+    """Call main() as a script does: a UserError, or an error of the GPU itself (out of memory, a busy or lost
+    device), becomes one `error: ...` line on stderr and exit status 1; anything else is a bug and keeps its
+    traceback."""
     try:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except (*DEVICE_ERRORS, RuntimeError) as e:
+        line = device_error(e)
+        if line is None:
+            raise
+        sys.exit(f"error: {line}")
     except BrokenPipeError:  # `--help | head`: the reader left
         sys.stderr.close()
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import nf4
-from cli import UserError
+from cli import UserError, device_error
 
 
 # -----------------------------------------------------------------------------
@@ -476,6 +476,8 @@ class Llama(nn.Module):
             except UserError:
                 raise
             except Exception as e:  # safetensors raises its own error types for broken files
+                if device_error(e):  # the GPU, not the file (out of memory, a busy device): cli.run's line
+                    raise
                 raise UserError(f"cannot read {fpath} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
                                 f"the file is truncated or corrupt; download it again") from None
         missing = sorted(set(expected) - set(sd))
