@@ -592,7 +592,8 @@ def fed_figure(recs, results_dir):
     """Claim 5's figure, fed_plane.png: held-out loss against the bytes a run moved, one row per privacy setting
     and lr source, the two byte conventions side by side, each strategy a line through its ranks."""
     recs = plane_points(recs)[0]
-    groups = sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (float(k[0]), k[1]))
+    groups = sorted({(r["eps"], r.get("lr_from", "")) for r in recs},  # no privacy first, then by epsilon
+                    key=lambda k: (k[0] != "inf", float(k[0]), k[1]))
     try:
         if not groups:
             raise ImportError
@@ -601,7 +602,11 @@ def fed_figure(recs, results_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
+    # one byte axis per convention for every row (so a privacy setting's points sit where they would without it),
+    # and one colour per strategy throughout
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False, sharex="col",
+                             layout="constrained")
+    colour = {"sb": "C3", "fedit": "C1", "ffa": "C2", "fedex": "C0"}
     for row, (eps, src) in zip(axes, groups):
         runs_of = {}
         for r in recs:
@@ -612,7 +617,7 @@ def fed_figure(recs, results_dir):
                 pts = sorted((g[0][key], *mean_std([r["val_loss"] for r in g]))
                              for (st, *_), g in runs_of.items() if st == strategy)
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
-                            capsize=3, label=strategy, lw=2 if strategy == "sb" else 1)
+                            capsize=3, label=strategy, lw=2 if strategy == "sb" else 1, color=colour.get(strategy))
             title = "no privacy" if eps == "inf" else f"epsilon {eps}"
             ax.set(xscale="log", xlabel=f"bytes moved ({conv} convention)", ylabel="held-out loss (mean +- std)")
             ax.set_title(f"{title}\nlr from {src or 'fed.py'}", fontsize=9)
