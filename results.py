@@ -74,6 +74,7 @@ class ResultsConfig:  # any other --key=value is passed on to every train.py run
     # whose sweep run chose the lr (reusing it would favour each method by its luckiest seed)
     fed_runs: str = ",".join(FED_RUNS)  # --stage fed: the federated runs (FED_RUNS), comma-separated
     dp_epsilons: tuple = ("inf", "1", "3", "7.5")  # --stage fed: each run without privacy (inf) and at these epsilons
+    # (one epsilon's runs after another, in this order)
     fed_dp_sweep: str = "3"  # --stage fed: the epsilon at which each strategy's lr for its private runs is swept
     # (seed 0, at the rank of its sweep without privacy): DP noise wants another lr than the one without
     fed_dp_lr_factors: tuple = ("0.0625", "0.25", "1")  # that sweep's grid: the lr chosen without privacy times
@@ -1048,9 +1049,11 @@ def main(argv=None):
         if any(e != "inf" for e in args.dp_epsilons):  # (a command without privacy leaves the private ones be)
             one_lr(d, dp_lrs, "the private sweep's choice or --lr", f"_eps{args.fed_dp_sweep}_s0.json", private=True)
         source = "--lr" if given else "each strategy's fed sweep"
+        # epsilon by epsilon, in --dp_epsilons' order: a command cut short leaves whole tables behind, not every
+        # table short of its last runs
         concurrently(args.jobs, [functools.partial(fed_run, n, lrs[n] if eps == "inf" else dp_lrs[n], eps, sd, args,
                                                    extra, lr_from=source if eps == "inf" else dp_source)
-                                 for n in fed_names for eps in args.dp_epsilons for sd in seeds])
+                                 for eps in args.dp_epsilons for n in fed_names for sd in seeds])
         return print(report(args.results_dir, os.path.join(args.results_dir, "RESULTS.md"), args.merged_json))
     if args.stage in ("sweep", "seeds"):
         import runs
