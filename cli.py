@@ -21,34 +21,38 @@ class UserError(Exception):
     """Bad input (a missing file, an unsupported config, a meaningless value): printed as one line, no traceback."""
 
 
-# errors of the device itself, not of the input: out of memory, a GPU that is busy, lost or refused (e.g. a stuck
-# MPS daemon). torch raises AcceleratorError for the latter since 2.8; older torch a RuntimeError naming CUDA.
-DEVICE_ERRORS = (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))
+# a failure of the device itself, not of the program or its input: the first line of the error says the GPU is
+# taken, lost or refused (MPS refuses new clients after its clients were killed: "busy or unavailable"). A
+# device-side assert or an illegal memory access is not here: it is a bug (or a token id beyond the vocabulary) and
+# keeps its traceback.
+DEVICE_STATES = ("busy or unavailable", "no CUDA-capable device", "initialization error", "uncorrectable ECC error",
+                 "driver version is insufficient")
 
 
-def device_error(e):
-    """The one line for an error of the GPU itself (DEVICE_ERRORS), naming what to do; None for any other error."""
+def device_error(e, smaller="", resume=""):
+    """The one line for a failure of the GPU itself (out of memory, or a DEVICE_STATES message), or None for any
+    other error. `smaller`: the entry point's option that needs less memory; `resume`: how its work goes on."""
     text = (str(e).splitlines() or [""])[0][:160]
+    then = f"; {resume}" if resume else ""
     if isinstance(e, torch.OutOfMemoryError):
-        return (f"out of GPU memory ({text}): pass a smaller --micro_batch_size, or share the GPU with fewer runs "
-                f"(results.py --jobs); a run that saved a checkpoint goes on from it with --resume")
-    if isinstance(e, DEVICE_ERRORS) or isinstance(e, RuntimeError) and text.startswith("CUDA error"):
-        return (f"the GPU failed ({type(e).__name__}: {text}): check it with nvidia-smi (another process holding "
-                f"it, a stuck MPS daemon: `echo quit | nvidia-cuda-mps-control`); a run that saved a checkpoint "
-                f"goes on from it with --resume")
+        return (f"out of GPU memory ({text}): {f'pass a smaller {smaller}, or ' if smaller else ''}share the GPU "
+                f"with fewer runs{then}")
+    if isinstance(e, RuntimeError) and any(m in text for m in DEVICE_STATES):
+        return (f"the GPU is unusable ({type(e).__name__}: {text}): check it with nvidia-smi (another process "
+                f"holding it; a stuck MPS daemon: `echo quit | nvidia-cuda-mps-control`){then}")
     return None
 
 
-def run(main):
-    """Call main() as a script does: a UserError, or an error of the GPU itself (out of memory, a busy or lost
-    device), becomes one `error: ...` line on stderr and exit status 1; anything else is a bug and keeps its
-    traceback."""
+def run(main, smaller="", resume=""):
+    """Call main() as a script does: a UserError, or a failure of the GPU itself (device_error: out of memory, a
+    busy or lost device), becomes one `error: ...` line on stderr and exit status 1; anything else is a bug and
+    keeps its traceback. `smaller` and `resume` name the entry point's own remedies (device_error)."""
     try:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
-    except (*DEVICE_ERRORS, RuntimeError) as e:
-        line = device_error(e)
+    except RuntimeError as e:  # (torch's OutOfMemoryError and AcceleratorError are RuntimeErrors)
+        line = device_error(e, smaller, resume)
         if line is None:
             raise
         sys.exit(f"error: {line}")

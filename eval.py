@@ -277,4 +277,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, "--batch_size (0: as many as fit)")

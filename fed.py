@@ -883,4 +883,4 @@ def print_privacy(dp, cfg, saved, steps):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, "--micro_batch_size", "--resume goes on after the run's last finished round")

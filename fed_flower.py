@@ -359,4 +359,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, "--micro_batch_size", "--resume goes on after the run's last finished round")

@@ -589,12 +589,16 @@ def fed_missing(recs):
     return ["", "Not run yet, seeds per run (`--stage fed` runs them): " + "; ".join(gaps) + "."] if gaps else []
 
 
+def plane_rows(recs):
+    """The rows of claim 5's figure: each (epsilon, lr source) of the records, no privacy first, then by epsilon."""
+    return sorted({(r["eps"], r.get("lr_from", "")) for r in recs}, key=lambda k: (k[0] != "inf", float(k[0]), k[1]))
+
+
 def fed_figure(recs, results_dir):
     """Claim 5's figure, fed_plane.png: held-out loss against the bytes a run moved, one row per privacy setting
     and lr source, the two byte conventions side by side, each strategy a line through its ranks."""
     recs = plane_points(recs)[0]
-    groups = sorted({(r["eps"], r.get("lr_from", "")) for r in recs},  # no privacy first, then by epsilon
-                    key=lambda k: (k[0] != "inf", float(k[0]), k[1]))
+    groups = plane_rows(recs)
     try:
         if not groups:
             raise ImportError
@@ -623,6 +627,7 @@ def fed_figure(recs, results_dir):
             ax.set(xscale="log", xlabel=f"bytes moved ({conv} convention)", ylabel="held-out loss (mean +- std)")
             ax.set_title(f"{title}\nlr from {src or 'fed.py'}", fontsize=9)
             ax.legend(fontsize=8)
+            ax.label_outer()  # the shared byte axis is labelled on the last row only
     fig.savefig(os.path.join(results_dir, "fed_plane.png"), dpi=100, bbox_inches="tight")
     return ["", "![claim 5: held-out loss against bytes moved](fed_plane.png)"]
 
@@ -1096,4 +1101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, resume="the same command goes on where it stopped")

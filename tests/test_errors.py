@@ -29,11 +29,22 @@ def no_load(monkeypatch):
     monkeypatch.setattr(Llama, "from_pretrained", refuse)
 
 
+def remedies(entry):
+    """The GPU remedies (cli.run's smaller, resume) that `entry.py` passes to cli.run, read from its source."""
+    import ast
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), entry + ".py")).read()
+    call = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call) and ast.unparse(n.func) == "cli.run")
+    names = ["smaller", "resume"]
+    given = {**dict(zip(names, (ast.literal_eval(a) for a in call.args[1:]))),
+             **{k.arg: ast.literal_eval(k.value) for k in call.keywords}}
+    return [given.get(n, "") for n in names]
+
+
 def fails(entry, argv, *words, monkeypatch):
     """Run `entry.py argv` as the script does; it must exit with one error line containing every word."""
     monkeypatch.setattr(sys, "argv", [entry + ".py", *argv])
     with pytest.raises(SystemExit) as e:
-        cli.run(MAINS[entry])
+        cli.run(MAINS[entry], *remedies(entry))
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
     assert "weights_only=False" not in msg  # never suggest the unsafe load
@@ -169,15 +180,17 @@ def test_damaged_model_weights(tmp_path, tiny_dir, gsm_file, monkeypatch):
           monkeypatch=monkeypatch)
 
 
+BUSY = getattr(torch, "AcceleratorError", RuntimeError)  # (torch < 2.8 raises a RuntimeError)
+
+
 @pytest.mark.parametrize("err,words,not_words", [
-    (torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable"),
-     ["the GPU failed", "busy or unavailable", "nvidia-smi", "--resume"], ["corrupt", "download"]),
+    (BUSY("CUDA error: CUDA-capable device(s) is/are busy or unavailable"),
+     ["the GPU is unusable", "busy or unavailable", "nvidia-smi", "--resume goes on"], ["corrupt", "download"]),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB."),
-     ["out of GPU memory", "768.00 MiB", "--micro_batch_size", "--jobs", "--resume"], ["corrupt", "download"]),
-    (RuntimeError("CUDA error: an illegal memory access was encountered"),
-     ["the GPU failed", "illegal memory access"], ["corrupt"]),
+     ["out of GPU memory", "768.00 MiB", "smaller --micro_batch_size", "fewer runs", "--resume goes on"],
+     ["corrupt", "download"]),
     (OSError("Error while deserializing header: incomplete metadata"), ["truncated or corrupt"], ["GPU"]),
-], ids=["busy", "oom", "cuda-runtime", "file"])
+], ids=["busy", "oom", "file"])
 def test_a_gpu_error_is_one_line_that_blames_the_gpu(tmp_path, tiny_dir, gsm_file, monkeypatch, err, words,
                                                      not_words):
     """A GPU that is out of memory, busy or lost (seen under MPS after another run was killed) is named as the GPU's
@@ -199,12 +212,34 @@ def test_a_gpu_error_is_one_line_that_blames_the_gpu(tmp_path, tiny_dir, gsm_fil
                   "--device", "cpu", "--method", "fedit", "--rank", "2"], *words, monkeypatch=monkeypatch)
 
 
-def test_a_bug_keeps_its_traceback(monkeypatch):
-    """Only the GPU's own errors become a line: any other RuntimeError is a bug and must keep its traceback."""
+@pytest.mark.parametrize("err", [RuntimeError("shape mismatch in my new method"),
+                                 BUSY("CUDA error: an illegal memory access was encountered"),
+                                 BUSY("CUDA error: device-side assert triggered")])
+def test_a_bug_keeps_its_traceback(monkeypatch, err):
+    """Only the GPU's own failures become a line: any other RuntimeError, a device-side assert or an illegal memory
+    access too (a bug, or a token id beyond the vocabulary), keeps its traceback."""
     def main():
-        raise RuntimeError("shape mismatch in my new method")
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        cli.run(main)
+        raise err
+    with pytest.raises(type(err), match=str(err)[:20]):
+        cli.run(main, "--micro_batch_size", "--resume")
+
+
+def test_each_entry_points_gpu_remedy_is_its_own_option(monkeypatch, capsys):
+    """The option an out-of-memory line tells the user to lower, and --resume where it says so, are options of the
+    script that prints it (eval.py and bench.py have no --micro_batch_size or --resume)."""
+    import re
+    for entry in ("train", "fed", "eval", "bench", "fed_flower", "results"):
+        named = set(re.findall(r"(--\w+)", " ".join(remedies(entry))))
+        assert named or entry == "results", entry
+        help_of = {"fed_flower": "fed"}.get(entry, entry)  # fed_flower passes fed.py's options on
+        monkeypatch.setattr(sys, "argv", [help_of + ".py", "--help"])
+        try:
+            (train if help_of == "train" else __import__(help_of)).main()
+        except SystemExit:
+            pass
+        shown = capsys.readouterr().out
+        for flag in named:
+            assert f"  {flag}=" in shown, (entry, flag)
 
 
 def test_a_dead_run_stops_and_what_is_saved_is_good(tmp_path, tiny_dir, gsm_file, monkeypatch):

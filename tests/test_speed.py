@@ -313,6 +313,7 @@ def test_fed_claim_plane(tmp_path, tiny_dir, gsm_file, monkeypatch):
     assert sorted(ran[8:]) == sorted((f"{n}_lr{lr[st]:g}_eps{e}_s1", f"{lr[st]:g}") for n, st in
                                      (("fed-sb-r32", "sb"), ("fed-fedex-r4", "fedex"))
                                      for e, lr in (("inf", lrs), ("3", dp_lrs)))
+    assert [r.split("_eps")[1].split("_")[0] for r, _ in ran[8:]] == ["inf", "inf", "3", "3"]  # epsilon by epsilon
     sb = json.load(open(rec / "fed" / f"fed-sb-r32_lr{lrs['sb']:g}_epsinf_s1.json"))
     fx = json.load(open(rec / "fed" / f"fed-fedex-r4_lr{lrs['fedex']:g}_epsinf_s1.json"))
     assert sb["lr_from"] == fx["lr_from"] == "each strategy's fed sweep"
@@ -462,6 +463,12 @@ def test_run_folders_ignore_the_order_of_flags():
     a, b = results.flagged("out", "seeds", ["--epochs=3", "--max_len=256"]), results.flagged(
         "out", "seeds", ["--max_len=256", "--epochs=3"])
     assert a == b != results.flagged("out", "seeds", ["--epochs=2", "--max_len=256"])
+
+
+def test_fed_figure_rows_put_no_privacy_first():
+    results = script("results")
+    recs = [dict(eps=e, lr_from=f) for e, f in (("3", "b"), ("inf", "a"), ("1", "b"), ("7.5", "b"), ("inf", "a"))]
+    assert results.plane_rows(recs) == [("inf", "a"), ("1", "b"), ("3", "b"), ("7.5", "b")]
 
 
 def test_fed_dominance_verdicts():
